@@ -1,0 +1,173 @@
+"""`HfCompressConfig`: the transformers quantization config of hfcompress (``quant_method="hfcompress"``)."""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+from transformers.quantizers.auto import register_quantization_config
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .algorithms import get_method
+from .spec import LayerSpec
+
+QUANT_METHOD = "hfcompress"
+SUPPORTED_MODULE_TYPES = ("Linear", "Conv2d", "Embedding")
+
+
+def _check_patterns(name: str, value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"{name}={value!r} must be a list of non-empty strings (module types, names or 're:<regex>').")
+    for pattern in value:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as exc:
+                raise ValueError(f"{name} entry {pattern!r} is not a valid regular expression: {exc}.") from None
+    return list(value)
+
+
+@register_quantization_config(QUANT_METHOD)
+class HfCompressConfig(QuantizationConfigMixin):
+    """What to compress in a model and how.
+
+    The short form reads like transformers' own configs::
+
+        HfCompressConfig(bits=4, group_size=128)        # RTN int4, symmetric, every Linear but the output head
+        HfCompressConfig(bits=8, group_size=None)       # int8 per output channel
+
+    Args:
+        bits: integer width of the weights (2, 3, 4, 5, 6, 8) or ``None`` to leave values in floating point.
+        group_size: input columns sharing one scale; ``None``/``-1`` for per-channel. Need not divide the width.
+        symmetric: symmetric grid (no stored zero point) or asymmetric.
+        scale_dtype: ``"float16"`` (default), ``"bfloat16"`` or ``"float32"``.
+        clip: ``"minmax"`` (full range) or ``"mse"`` (range shrink that minimises each group's error).
+        sparsity: fraction of weights pruned, in ``[0, 1)`` (needs a pruning method).
+        sparsity_structure: ``"unstructured"`` or ``"N:M"`` such as ``"2:4"``.
+        method: compression algorithm; ``"rtn"`` is data-free and runs inside ``from_pretrained``; calibrated
+            methods run through :func:`hfcompress.oneshot`.
+        method_args: keyword arguments of the method (e.g. ``{"damp": 0.01}`` for GPTQ).
+        targets: which modules to compress: module class names from ``("Linear", "Conv2d", "Embedding")``
+            and/or ``"re:<regex>"`` searched in module names. Default ``["Linear"]``.
+        ignore: modules kept dense: exact names, name suffixes (``"lm_head"``) or ``"re:<regex>"``. ``None``
+            (default) keeps the output head, classifier heads and vision stems dense; a list replaces that.
+        overrides: advanced per-target settings, e.g.
+            ``[{"targets": ["re:mlp\\.down_proj"], "bits": 8, "group_size": None}]``: each entry has ``targets``
+            plus any of the weight settings above; the first matching entry wins, unset settings inherit.
+    """
+
+    def __init__(
+        self,
+        bits: int | None = None,
+        group_size: int | None = 128,
+        symmetric: bool = True,
+        scale_dtype: str = "float16",
+        clip: str = "minmax",
+        sparsity: float = 0.0,
+        sparsity_structure: str = "unstructured",
+        method: str = "rtn",
+        method_args: dict[str, Any] | None = None,
+        targets: list[str] | None = None,
+        ignore: list[str] | None = None,
+        overrides: list[dict[str, Any]] | None = None,
+        quant_method: str = QUANT_METHOD,
+        **unknown: Any,
+    ) -> None:
+        if unknown:
+            raise TypeError(
+                f"HfCompressConfig got unknown argument(s) {sorted(unknown)}; valid ones are: {sorted(self._FIELDS)}."
+            )
+        if quant_method != QUANT_METHOD:
+            raise ValueError(f"quant_method={quant_method!r} does not belong to HfCompressConfig ({QUANT_METHOD!r}).")
+        self.quant_method = QUANT_METHOD
+        self.bits = bits
+        self.group_size = None if group_size == -1 else group_size
+        self.symmetric = symmetric
+        self.scale_dtype = scale_dtype
+        self.clip = clip
+        self.sparsity = sparsity
+        self.sparsity_structure = sparsity_structure
+        self.method = method
+        self.method_args = dict(method_args or {})
+        self.targets = list(targets) if targets is not None else ["Linear"]
+        self.ignore = None if ignore is None else list(ignore)
+        self.overrides = copy.deepcopy(list(overrides)) if overrides else []
+        self.post_init()
+
+    _FIELDS = (
+        "bits", "group_size", "symmetric", "scale_dtype", "clip", "sparsity", "sparsity_structure",
+        "method", "method_args", "targets", "ignore", "overrides",
+    )  # fmt: skip
+
+    # ------------------------------------------------------------------ validation
+    def post_init(self) -> None:
+        """Validate every setting; raises ``ValueError`` naming the parameter, the value and the fix."""
+        method = get_method(self.method)
+        default = self.default_spec()
+        if not isinstance(self.method_args, dict):
+            raise ValueError(f"method_args={self.method_args!r} must be a dict of keyword arguments.")
+        self.targets = _check_patterns("targets", self.targets)
+        if not self.targets:
+            raise ValueError("targets=[] selects nothing; use e.g. ['Linear'] or ['re:mlp'].")
+        for t in self.targets:
+            if not t.startswith("re:") and t not in SUPPORTED_MODULE_TYPES:
+                raise ValueError(
+                    f"targets entry {t!r} is neither a supported module type {SUPPORTED_MODULE_TYPES} nor a "
+                    "'re:<regex>' on module names."
+                )
+        if self.ignore is not None:
+            self.ignore = _check_patterns("ignore", self.ignore)
+        specs = [("the top-level settings", default)]
+        for i, override in enumerate(self.overrides):
+            if not isinstance(override, dict) or "targets" not in override:
+                raise ValueError(f"overrides[{i}]={override!r} must be a dict with a 'targets' list and weight settings.")
+            bad = set(override) - {"targets"} - set(LayerSpec.field_names())
+            if bad:
+                raise ValueError(
+                    f"overrides[{i}] has unknown setting(s) {sorted(bad)}; allowed: targets, {', '.join(LayerSpec.field_names())}."
+                )
+            _check_patterns(f"overrides[{i}].targets", override["targets"])
+            specs.append((f"overrides[{i}]", self.override_spec(i)))
+        for where, spec in specs:
+            if not (spec.quantized or spec.sparse):
+                raise ValueError(
+                    f"{where} compress nothing: set bits (e.g. bits=4) and/or sparsity (e.g. sparsity=0.5 with a "
+                    "pruning method)."
+                )
+            if spec.quantized and not method.quantizes:
+                raise ValueError(f"method={self.method!r} does not quantize but {where} set bits={spec.bits}.")
+            if spec.sparse and not method.prunes:
+                raise ValueError(
+                    f"method={self.method!r} does not prune but {where} ask for sparsity={spec.effective_sparsity:g}; "
+                    "pick a pruning method (e.g. method='magnitude', 'wanda' or 'sparsegpt')."
+                )
+
+    def default_spec(self) -> LayerSpec:
+        return LayerSpec(**{name: getattr(self, name) for name in LayerSpec.field_names()})
+
+    def override_spec(self, index: int) -> LayerSpec:
+        override = self.overrides[index]
+        return self.default_spec().with_updates(**{k: v for k, v in override.items() if k != "targets"})
+
+    @property
+    def is_data_free(self) -> bool:
+        return get_method(self.method).data_free
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        out = {"quant_method": self.quant_method}
+        out.update({name: copy.deepcopy(getattr(self, name)) for name in self._FIELDS})
+        return out
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, HfCompressConfig) and self.to_dict() == other.to_dict()
+
+    __hash__ = None  # mutable

@@ -1,0 +1,139 @@
+"""`CompressedModule`: the shared machinery of modules that hold a compressed weight.
+
+The compressed tensors are registered as persistent buffers named as the format names them
+(``weight_packed``, ``weight_scale``, ...), so ``state_dict``/``save_pretrained`` write them as they are
+and ``from_pretrained`` loads them back. ``weight_shape`` (int64) records the original weight shape.
+Reading ``module.weight`` returns the decoded dense weight, for code that inspects it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..algorithms import get_method
+from ..formats import format_for, get_format
+from ..formats.base import CompressedWeight, TensorSpec, check_tensors
+from ..spec import LayerSpec
+
+_INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+class CompressedModule(nn.Module):
+    """Base class; subclasses define the forward of one module type (Linear, Conv2d, Embedding)."""
+
+    #: the nn.Module class this module replaces
+    dense_cls: type[nn.Module] = nn.Module
+
+    def __init__(self, spec: LayerSpec, weight_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.spec = spec
+        self.format_name = format_for(spec)
+        self.dense_shape = tuple(int(s) for s in weight_shape)
+        self._compressed_names: tuple[str, ...] = ()
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def shape2d(self) -> tuple[int, int]:
+        return self.dense_shape[0], math.prod(self.dense_shape[1:])
+
+    @property
+    def format(self):
+        return get_format(self.format_name)
+
+    def expected_tensors(self) -> dict[str, TensorSpec]:
+        expected = dict(self.format.expected_tensors(self.shape2d, self.spec))
+        expected["weight_shape"] = ((len(self.dense_shape),), torch.int64)
+        return expected
+
+    # ------------------------------------------------------------------ state
+    def set_compressed(self, tensors: dict[str, torch.Tensor], where: str = "") -> None:
+        """Install the compressed tensors (validated against the format) as buffers."""
+        tensors = dict(tensors)
+        tensors.setdefault("weight_shape", torch.tensor(self.dense_shape, dtype=torch.int64))
+        check_tensors({k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}, self.expected_tensors(), where, self.format_name)
+        for name in self._compressed_names:
+            self._buffers.pop(name, None)
+        self._parameters.pop("weight", None)
+        for name, tensor in tensors.items():
+            self.register_buffer(name, tensor, persistent=True)
+        self._compressed_names = tuple(tensors)
+
+    def init_empty(self, found: dict[str, TensorSpec], where: str = "", device: str | torch.device = "meta") -> None:
+        """Create empty buffers with the shapes/dtypes ``found`` in a checkpoint header, after validating them."""
+        check_tensors(found, self.expected_tensors(), where, self.format_name)
+        self.set_compressed({n: torch.empty(s, dtype=d, device=device) for n, (s, d) in found.items()}, where)
+
+    def await_dense_weight(self, dtype: torch.dtype, device: str | torch.device = "meta") -> None:
+        """Expose a placeholder ``weight`` parameter so a dense checkpoint can be loaded and compressed."""
+        self._parameters["weight"] = nn.Parameter(torch.empty(self.dense_shape, dtype=dtype, device=device), requires_grad=False)
+
+    def compress_(self, weight: torch.Tensor, method: str = "rtn") -> None:
+        """Compress a dense weight with a data-free ``method`` and install the result."""
+        if tuple(weight.shape) != self.dense_shape:
+            raise ValueError(f"weight has shape {tuple(weight.shape)}, expected {self.dense_shape}.")
+        algo = get_method(method)
+        if not algo.data_free:
+            raise ValueError(f"method={method!r} needs calibration data; run hfcompress.oneshot(model, config, dataset=...).")
+        cw = algo.compress(weight.detach().reshape(self.shape2d).float(), self.spec)
+        self.set_compressed_weight(cw)
+
+    def set_compressed_weight(self, cw: CompressedWeight) -> None:
+        """Encode an algorithm's result with this module's format and install it."""
+        self.set_compressed(self.format.encode(cw, self.spec))
+
+    def compressed_tensors(self) -> dict[str, torch.Tensor]:
+        return {name: self._buffers[name] for name in self._compressed_names}
+
+    def weight_shape_tensor(self) -> torch.Tensor:
+        return self._buffers["weight_shape"]
+
+    def compressed_nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.compressed_tensors().values())
+
+    # ------------------------------------------------------------------ decoding
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense weight (original shape) decoded from the compressed tensors."""
+        if "weight" in self._parameters:
+            raise RuntimeError("This module has not received its weight yet (it is still waiting for the checkpoint).")
+        tensors = {n: t for n, t in self.compressed_tensors().items() if n != "weight_shape"}
+        return self.format.decode(tensors, self.spec, self.shape2d, dtype).reshape(self.dense_shape)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "weight":
+                return self.dequantize_weight(self._dense_dtype())
+            raise
+
+    def _dense_dtype(self) -> torch.dtype:
+        bias = self._parameters.get("bias")
+        return bias.dtype if bias is not None else torch.float32
+
+    # ------------------------------------------------------------------ dtype safety
+    def _apply(self, fn, recurse=True):
+        # `.to(dtype)`, `.half()`, ... must move compressed tensors between devices but never re-round them:
+        # apply `fn` to an integer view of each floating compressed buffer, then view it back.
+        views = {}
+        for name in self._compressed_names:
+            buf = self._buffers.get(name)
+            if buf is not None and buf.is_floating_point():
+                views[name] = buf.dtype
+                self._buffers[name] = buf.view(_INT_VIEW[buf.element_size()])
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            for name, dtype in views.items():
+                self._buffers[name] = self._buffers[name].view(dtype)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        parts = [f"shape={self.dense_shape}", f"format={self.format_name}"]
+        if s.quantized:
+            parts.append(f"bits={s.bits}, group_size={s.group_size}, symmetric={s.symmetric}")
+        if s.sparse:
+            parts.append(f"sparsity={s.effective_sparsity:g} ({s.sparsity_structure})")
+        return ", ".join(parts)

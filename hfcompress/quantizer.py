@@ -1,0 +1,137 @@
+"""`HfCompressQuantizer`: the transformers `HfQuantizer` of ``quant_method="hfcompress"``.
+
+Two paths through ``from_pretrained``:
+
+* **compress on load** (a dense checkpoint plus ``quantization_config=HfCompressConfig(...)``): target
+  modules are swapped for compressed twins on the meta device, each waiting for its dense ``weight``;
+  as the loader reads a weight, :class:`CompressOnLoad` compresses it on its target device and drops the
+  dense tensor, so peak memory stays near the compressed size.
+* **reload** (a checkpoint saved by hfcompress): the twins are built from the config and the
+  checkpoint's safetensors headers (validated: missing, truncated or misshapen tensors raise a clear
+  error before anything is loaded), and the loader fills their buffers as ordinary tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.core_model_loading import ConversionOps
+from transformers.quantizers.auto import register_quantizer
+from transformers.quantizers.base import HfQuantizer
+
+from .checkpoint import read_tensor_index
+from .config import QUANT_METHOD, HfCompressConfig
+from .modules import CompressedModule, compressed_modules, compressed_twin, set_submodule
+from .targets import resolve_layers
+
+
+class CompressOnLoad(ConversionOps):
+    """Loader op: compress one dense ``weight`` into its module as soon as it is read."""
+
+    def __init__(self, hf_quantizer: "HfCompressQuantizer") -> None:
+        self.hf_quantizer = hf_quantizer
+
+    def convert(self, input_dict, source_patterns=None, target_patterns=None, **kwargs) -> dict[str, Any]:
+        model, full_name = kwargs["model"], kwargs["full_layer_name"]
+        value = next(iter(input_dict.values()))
+        value = value[0] if isinstance(value, list) else value
+        module_name = full_name.rpartition(".")[0]
+        module = model.get_submodule(module_name)
+        module.compress_(value, method=self.hf_quantizer.quantization_config.method)
+        missing = kwargs.get("missing_keys")
+        if missing is not None:
+            missing.discard(full_name)
+        return {}
+
+
+@register_quantizer(QUANT_METHOD)
+class HfCompressQuantizer(HfQuantizer):
+    requires_calibration = False
+    quantization_config: HfCompressConfig
+
+    def __init__(self, quantization_config: HfCompressConfig, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        config = self.quantization_config
+        if not self.pre_quantized and not config.is_data_free:
+            raise ValueError(
+                f"method={config.method!r} needs calibration data and cannot run inside from_pretrained. Load the "
+                "dense model, then call hfcompress.oneshot(model, config, dataset=...)."
+            )
+        device_map = kwargs.get("device_map")
+        if not self.pre_quantized and isinstance(device_map, dict) and "disk" in device_map.values():
+            raise ValueError(
+                "Compressing on load cannot write to disk-offloaded modules (device_map contains 'disk'); compress "
+                "first with enough memory, save, then reload the compressed checkpoint with offloading."
+            )
+
+    # ------------------------------------------------------------------ model surgery
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, dtype=None, **kwargs: Any):
+        plan = resolve_layers(model, self.quantization_config)
+        index = read_tensor_index(checkpoint_files) if self.pre_quantized and checkpoint_files else None
+        twins = {}
+        for name, spec in plan.items():
+            dense = model.get_submodule(name)
+            twin = compressed_twin(dense, spec)
+            if self.pre_quantized:
+                if index is None:
+                    found = {n: (s, d) for n, (s, d) in twin.expected_tensors().items() if None not in s}
+                else:
+                    found = index.module_tensors(name, model)
+                twin.init_empty(found, where=name)
+            else:
+                weight = dense.weight
+                twin.await_dense_weight(dtype or weight.dtype, device=weight.device)
+            twins[name] = twin
+        for name, twin in twins.items():
+            set_submodule(model, name, twin)
+        return model
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs: Any) -> bool:
+        if self.pre_quantized:
+            return False
+        module_name, _, tensor_name = param_name.rpartition(".")
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            return False
+        return isinstance(module, CompressedModule) and tensor_name == "weight"
+
+    def get_quantize_ops(self) -> ConversionOps:
+        return CompressOnLoad(self)
+
+    def get_new_dtype(self, converter, param, dtype):
+        # Compressed tensors keep the dtype they were stored with (scales must not be re-rounded).
+        names = getattr(converter, "target_patterns", None) or []
+        if any(n.rpartition(".")[2].startswith("weight_") for n in names):
+            return None
+        return super().get_new_dtype(converter, param, dtype)
+
+    def _process_model_after_weight_loading(self, model, **kwargs: Any):
+        validate_loaded(model)
+        return model
+
+    # ------------------------------------------------------------------ contract
+    def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        # Adapters (LoRA) train on top of the frozen compressed weights.
+        return True
+
+
+def validate_loaded(model: torch.nn.Module) -> None:
+    """Every compressed module must hold real tensors whose recorded shape matches the model."""
+    for name, module in compressed_modules(model).items():
+        for tensor_name, tensor in module.compressed_tensors().items():
+            if tensor.is_meta:
+                raise ValueError(f"Compressed tensor {name}.{tensor_name} was not loaded from the checkpoint.")
+        shape = tuple(int(s) for s in module.weight_shape_tensor().tolist())
+        if shape != module.dense_shape:
+            raise ValueError(
+                f"{name}.weight_shape records {shape} but the model expects {module.dense_shape}; the checkpoint "
+                "belongs to another model."
+            )
