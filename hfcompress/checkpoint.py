@@ -63,6 +63,19 @@ class TensorIndex:
         return {}
 
 
+    def renamed_for(self, model: torch.nn.Module, key_mapping: dict[str, str] | None = None) -> "TensorIndex":
+        """Keys renamed as transformers' loader renames them for ``model`` (checkpoints keep legacy names)."""
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        mapping = get_model_conversion_mapping(model, key_mapping, None)
+        renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+        converters = [m for m in mapping if isinstance(m, WeightConverter)]
+        if not renamings and not converters:
+            return self
+        return TensorIndex({rename_source_key(k, renamings, converters)[0]: v for k, v in self.tensors.items()})
+
+
 def read_tensor_index(files: list[str] | None) -> TensorIndex:
     index = TensorIndex()
     for path in files or []:

@@ -70,7 +70,9 @@ class HfCompressQuantizer(HfQuantizer):
     # ------------------------------------------------------------------ model surgery
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, dtype=None, **kwargs: Any):
         plan = resolve_layers(model, self.quantization_config)
-        index = read_tensor_index(checkpoint_files) if self.pre_quantized and checkpoint_files else None
+        index = None
+        if self.pre_quantized and checkpoint_files:
+            index = read_tensor_index(checkpoint_files).renamed_for(model, kwargs.get("key_mapping"))
         twins = {}
         for name, spec in plan.items():
             dense = model.get_submodule(name)

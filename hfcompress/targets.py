@@ -14,7 +14,7 @@ MODULE_TYPES: dict[str, type[nn.Module]] = {"Linear": nn.Linear, "Conv2d": nn.Co
 
 #: names kept dense by default: classification/LM heads and the stems of vision models
 DEFAULT_IGNORE = (
-    "re:(^|\\.)(lm_head|classifier|score|qa_outputs|cls\\.predictions\\.decoder)$",
+    "re:(^|\\.)(lm_head|classifier|score|qa_outputs|cls\\.predictions\\.decoder)(\\.\\d+)?$",
     "re:(^|\\.)embeddings\\.patch_embeddings\\.projection$",  # ViT/DeiT patch stem
     "re:(^|\\.)embedder\\.embedder\\.convolution$",  # ResNet stem
 )

@@ -33,6 +33,8 @@ class CompressedModule(nn.Module):
         self.format_name = format_for(spec)
         self.dense_shape = tuple(int(s) for s in weight_shape)
         self._compressed_names: tuple[str, ...] = ()
+        #: floating dtype of the dense weight this module replaces: sparse formats keep unquantized values in it
+        self.value_dtype: torch.dtype | None = None
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -63,6 +65,7 @@ class CompressedModule(nn.Module):
 
     def init_empty(self, found: dict[str, TensorSpec], where: str = "", device: str | torch.device = "meta") -> None:
         """Create empty buffers with the shapes/dtypes ``found`` in a checkpoint header, after validating them."""
+        found = {n: v for n, v in found.items() if n not in self._parameters}  # e.g. the bias is a plain parameter
         check_tensors(found, self.expected_tensors(), where, self.format_name)
         self.set_compressed({n: torch.empty(s, dtype=d, device=device) for n, (s, d) in found.items()}, where)
 
@@ -78,10 +81,14 @@ class CompressedModule(nn.Module):
         if not algo.data_free:
             raise ValueError(f"method={method!r} needs calibration data; run hfcompress.oneshot(model, config, dataset=...).")
         cw = algo.compress(weight.detach().reshape(self.shape2d).float(), self.spec)
+        if weight.is_floating_point():
+            self.value_dtype = weight.dtype
         self.set_compressed_weight(cw)
 
     def set_compressed_weight(self, cw: CompressedWeight) -> None:
         """Encode an algorithm's result with this module's format and install it."""
+        if cw.dtype is None:
+            cw.dtype = self.value_dtype or torch.float32
         self.set_compressed(self.format.encode(cw, self.spec))
 
     def compressed_tensors(self) -> dict[str, torch.Tensor]:

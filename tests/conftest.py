@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny random models (fast) and the real PyPI-shipped models (slow, cached on disk)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    from hfcompress.models import real_model_path
+
+    pytest.importorskip("gguf", reason="the real SmolLM2 checkpoint is built with the gguf package (pip install -e '.[dev]')")
+    return real_model_path("smollm2")
+
+
+@pytest.fixture(scope="session")
+def minilm_path():
+    from hfcompress.models import real_model_path
+
+    return real_model_path("minilm")
+
+
+@pytest.fixture(scope="session")
+def wikitext_text():
+    from hfcompress.evaluation import wikitext2_test_path
+
+    path = wikitext2_test_path()
+    if path is None:
+        pytest.fail("WikiText-2 test text not found in ../shared/data; set HFCOMPRESS_WIKITEXT2")
+    return path.read_text(encoding="utf-8")
