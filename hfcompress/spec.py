@@ -110,6 +110,9 @@ def parse_nm(structure: str, where: str = "") -> tuple[int, int]:
             f"sparsity_structure={structure!r}{at} is not understood; use 'unstructured' or 'N:M' such as '2:4'."
         )
     n, m = int(match.group(1)), int(match.group(2))
-    if m < 1 or n < 0 or n >= m:
-        raise ValueError(f"sparsity_structure={structure!r}{at} needs 0 <= N < M (keep N of every M weights), e.g. '2:4'.")
+    if n < 1 or n >= m:
+        raise ValueError(
+            f"sparsity_structure={structure!r}{at} needs 0 <= N < M and N >= 1 (keep N of every M consecutive "
+            "weights), e.g. '2:4'."
+        )
     return n, m

@@ -60,6 +60,7 @@ def _quantized_dense(spec: LayerSpec) -> str | None:
 register_format_rule(_quantized_dense, first=False)
 
 from . import packed  # noqa: E402,F401  (registers "packed")
+from . import bitmask, nm  # noqa: E402,F401  (register the sparse formats "bitmask" and "nm")
 
 __all__ = [
     "CompressedWeight",

@@ -16,8 +16,9 @@ import torch
 from ..grid import QuantizedWeight
 from ..spec import LayerSpec
 
-#: expected tensor: (shape or None where the size depends on the data, dtype)
-TensorSpec = tuple[tuple[int | None, ...], torch.dtype]
+#: expected tensor: (shape or None where the size depends on the data, dtype or None for "any floating dtype",
+#: e.g. values kept in the dtype the model was compressed in)
+TensorSpec = tuple[tuple[int | None, ...], torch.dtype | None]
 
 
 @dataclass
@@ -26,12 +27,15 @@ class CompressedWeight:
 
     ``weight`` is the dense 2-D weight the compressed tensors must decode to (after pruning and/or
     quantization); ``quantized`` carries the integer codes and grid when the spec quantizes, ``mask``
-    the boolean keep-mask when it prunes.
+    the boolean keep-mask when it prunes. ``dtype`` is the floating dtype that formats storing
+    unquantized values (sparse formats) keep them in; ``None`` lets the compressed module fill in the
+    dtype of the dense weight it replaces.
     """
 
     weight: torch.Tensor
     quantized: QuantizedWeight | None = None
     mask: torch.Tensor | None = None
+    dtype: torch.dtype | None = None
 
 
 class WeightFormat(ABC):
@@ -72,7 +76,9 @@ def check_tensors(found: dict[str, TensorSpec], expected: dict[str, TensorSpec],
                 "was written by another tool. Re-save the model with hfcompress."
             )
         got_shape, got_dtype = found[name]
-        if got_dtype != dtype:
+        if dtype is None and not got_dtype.is_floating_point:
+            raise ValueError(f"Compressed tensor {key!r} has dtype {got_dtype}, expected a floating dtype for format {fmt!r}.")
+        if dtype is not None and got_dtype != dtype:
             raise ValueError(f"Compressed tensor {key!r} has dtype {got_dtype}, expected {dtype} for format {fmt!r}.")
         if len(got_shape) != len(shape) or any(e is not None and e != g for e, g in zip(shape, got_shape)):
             raise ValueError(

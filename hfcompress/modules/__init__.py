@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..spec import LayerSpec
@@ -19,7 +20,11 @@ def compressed_twin(module: nn.Module, spec: LayerSpec) -> CompressedModule:
     """A compressed module shaped like ``module`` (bias copied, weight not yet set)."""
     for cls, twin in _TWINS.items():
         if isinstance(module, cls):
-            return twin.from_dense(module, spec)
+            new = twin.from_dense(module, spec)
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+                new.value_dtype = weight.dtype
+            return new
     raise TypeError(f"hfcompress cannot compress a {type(module).__name__}; supported: {[c.__name__ for c in _TWINS]}.")
 
 
