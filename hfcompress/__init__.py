@@ -8,6 +8,7 @@ from .algorithms import available_methods, get_method, register_method
 from .apply import compress, mark_compressed
 from .config import HfCompressConfig
 from .formats import available_formats, get_format, register_format
+from .oneshot import oneshot
 from .modules import CompressedConv2d, CompressedEmbedding, CompressedLinear, CompressedModule, compressed_modules
 from .quantizer import HfCompressQuantizer
 from .report import compression_report
@@ -31,6 +32,7 @@ __all__ = [
     "get_format",
     "get_method",
     "mark_compressed",
+    "oneshot",
     "register_format",
     "register_method",
 ]

@@ -3,17 +3,39 @@
 A method is either *data-free* (it compresses one weight on its own, so it runs while
 ``from_pretrained`` loads the checkpoint) or *calibrated* (it needs activations and runs through
 :func:`hfcompress.oneshot`). Data-free methods provide ``compress(weight2d, spec) -> CompressedWeight``.
+
+Calibrated methods set ``data_free=False`` and provide
+``compress_layer(weight2d, stats, spec, method_args) -> CompressedWeight``:
+
+* ``weight2d``: the dense weight as float32 ``[rows, cols]`` (a copy the method may modify);
+* ``stats``: a :class:`~hfcompress.calibration.stats.LayerStats` holding only what ``needs`` asks for
+  (``"hessian"``: ``2/n * sum x x^T`` over the ``n`` calibration tokens, ``[cols, cols]`` float32;
+  ``"act_sq"``: ``sum x**2`` per input feature, ``[cols]`` float32). Stats may be shared between modules
+  that read the same input (q/k/v projections), so a method must not modify them in place;
+* ``spec``: the :class:`~hfcompress.spec.LayerSpec` of this module (a per-layer override may differ from
+  the config's defaults, e.g. OWL's non-uniform sparsity);
+* ``method_args``: ``config.method_args`` (a dict; unknown keys should raise a ``ValueError``).
+
+The calibration pipeline (:mod:`hfcompress.calibration.pipeline`) collects the statistics block by
+block, calls ``compress_layer`` for each targeted module and installs the result.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..formats.base import CompressedWeight
 from ..spec import LayerSpec
+
+if TYPE_CHECKING:
+    from ..calibration.stats import LayerStats
+
+#: statistics a calibrated method may ask the pipeline for
+STAT_KINDS = frozenset({"hessian", "act_sq"})
 
 
 @dataclass(frozen=True)
@@ -24,6 +46,10 @@ class Method:
     prunes: bool
     description: str
     compress: Callable[[torch.Tensor, LayerSpec], CompressedWeight] | None = None
+    #: calibration statistics ``compress_layer`` reads: a subset of :data:`STAT_KINDS`
+    needs: frozenset[str] = field(default_factory=frozenset)
+    #: calibrated methods: ``(weight2d float32 [rows, cols], LayerStats, LayerSpec, method_args) -> CompressedWeight``
+    compress_layer: Callable[[torch.Tensor, "LayerStats", LayerSpec, dict[str, Any]], CompressedWeight] | None = None
 
 
 _METHODS: dict[str, Method] = {}
@@ -34,6 +60,12 @@ def register_method(method: Method) -> Method:
         raise ValueError(f"Method {method.name!r} is already registered.")
     if method.data_free and method.compress is None:
         raise ValueError(f"Data-free method {method.name!r} needs a compress function.")
+    if not method.data_free and method.compress_layer is None:
+        raise ValueError(f"Calibrated method {method.name!r} (data_free=False) needs a compress_layer function.")
+    unknown = set(method.needs) - STAT_KINDS
+    if unknown:
+        raise ValueError(f"Method {method.name!r} needs unknown statistics {sorted(unknown)}; choose from {sorted(STAT_KINDS)}.")
+    object.__setattr__(method, "needs", frozenset(method.needs))
     _METHODS[method.name] = method
     return method
 
@@ -50,5 +82,6 @@ def available_methods() -> list[str]:
 
 
 from . import rtn  # noqa: E402,F401  (registers "rtn")
+from . import gptq  # noqa: E402,F401  (registers "gptq")
 
-__all__ = ["Method", "available_methods", "get_method", "register_method"]
+__all__ = ["STAT_KINDS", "Method", "available_methods", "get_method", "register_method"]

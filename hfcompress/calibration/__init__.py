@@ -1,0 +1,31 @@
+"""Calibration: data, per-layer statistics and the layer-by-layer pipeline of calibrated methods.
+
+* :mod:`.data`: calibration text/inputs from ``datasets``, local files, strings (default: offline
+  Wikipedia summaries), cut into ``num_samples`` windows of ``seq_len`` tokens by seed.
+* :mod:`.stats`: :class:`LayerStats` (Hessian ``2/n sum x x^T``, ``act_sq = sum x^2``, ``nsamples``) and
+  the forward hooks collecting them (Linear, Conv2d via unfold).
+* :mod:`.blocks`: finding the block list and capturing what each block receives.
+* :mod:`.pipeline`: :func:`run_calibration`, used by :func:`hfcompress.oneshot`.
+
+Writing a calibrated method: register a :class:`hfcompress.algorithms.Method` with ``data_free=False``,
+``needs`` (a subset of ``{"hessian", "act_sq"}``) and ``compress_layer(weight2d, stats, spec, method_args)
+-> CompressedWeight``; ``oneshot`` does the rest (see :mod:`.pipeline` for the exact contract).
+"""
+
+from .data import calibration_batches, iter_texts, text_windows, wikipedia_summaries
+from .pipeline import LayerResult, relative_output_error, run_calibration
+from .stats import LayerStats, StatsCollector, identity_stats, layer_inputs_2d
+
+__all__ = [
+    "LayerResult",
+    "LayerStats",
+    "StatsCollector",
+    "calibration_batches",
+    "identity_stats",
+    "iter_texts",
+    "layer_inputs_2d",
+    "relative_output_error",
+    "run_calibration",
+    "text_windows",
+    "wikipedia_summaries",
+]

@@ -1,0 +1,301 @@
+"""The layer-by-layer calibration pipeline behind :func:`hfcompress.oneshot`.
+
+Contract with calibrated methods (see :mod:`hfcompress.algorithms`): a method declares the statistics it
+``needs`` (``"hessian"``, ``"act_sq"``) and a ``compress_layer(weight2d, stats, spec, method_args)`` that
+returns a :class:`~hfcompress.formats.base.CompressedWeight`. The pipeline
+
+1. finds the model's block list (:func:`~hfcompress.calibration.blocks.find_blocks`) and records what
+   the blocks receive for every calibration batch, running only the layers before the first block;
+2. for each block, in order: onloads it (accelerate offloading), runs it on the current hidden states
+   with forward pre-hooks collecting exactly the statistics the method needs for the targeted modules
+   inside the block, calls ``compress_layer`` for each of them (on the dense float32 weight and the
+   module's :class:`~hfcompress.spec.LayerSpec`), installs the result as a compressed twin
+   (:func:`~hfcompress.modules.compressed_twin` + ``set_compressed_weight``), then re-runs the block with
+   the compressed weights to produce the next block's inputs, so quantization errors propagate as in
+   GPTQ's sequential mode. ``true_sequential=True`` additionally calibrates the modules *inside* a block
+   in the order they run (q/k/v, then o, then gate/up, then down), each on inputs produced by the
+   already-compressed modules before it; it costs one extra block pass per stage;
+3. targeted modules outside the blocks are calibrated as well: those running before the first block
+   during input capture, the rest (e.g. a BERT pooler) with one final forward of the whole model;
+4. records per module the relative output error ``|dW X|^2 / |W X|^2`` on the calibration inputs
+   (logged at INFO level and returned).
+
+Memory stays near one block's activations plus the calibration hidden states: statistics are freed
+after each module is compressed and hidden states are replaced block by block. The dense modules that
+were replaced are kept until the end so that an exception restores the model exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..algorithms import Method
+from ..formats.base import CompressedWeight
+from ..modules import CompressedModule, compressed_twin, set_submodule
+from ..spec import LayerSpec
+from .blocks import BlockInputs, capture_block_inputs, find_blocks, first_tensor, model_call_kwargs
+from .stats import LayerStats, StatsCollector
+
+logger = logging.getLogger("hfcompress.calibration")
+
+__all__ = ["LayerResult", "run_calibration", "relative_output_error"]
+
+
+@dataclass
+class LayerResult:
+    """What the pipeline measured for one compressed module."""
+
+    name: str
+    error: float  # |dW X|^2 / |W X|^2 on the calibration inputs (nan when no statistic allows computing it)
+    nsamples: int  # calibration vectors the module saw
+    seconds: float  # time spent in compress_layer
+
+
+def relative_output_error(w: torch.Tensor, w_hat: torch.Tensor, stats: LayerStats) -> float:
+    """``|(W - W') X|^2 / |W X|^2`` from the Hessian (or its diagonal from ``act_sq``)."""
+    w = w.float()
+    delta = w_hat.float() - w
+    if stats.hessian is not None:
+        h = stats.hessian.float()
+        num = ((delta @ h) * delta).sum()
+        den = ((w @ h) * w).sum()
+    elif stats.act_sq is not None:
+        num = (delta.pow(2) * stats.act_sq).sum()
+        den = (w.pow(2) * stats.act_sq).sum()
+    else:
+        return float("nan")
+    return float(num / den) if den > 0 else float("nan")
+
+
+# ---------------------------------------------------------------------- accelerate offloading
+@contextlib.contextmanager
+def onloaded(module: nn.Module) -> Iterator[None]:
+    """Keep the accelerate-offloaded weights of ``module`` on their execution device inside the block."""
+    try:
+        from accelerate.utils import align_module_device, has_offloaded_params
+    except ImportError:  # pragma: no cover - accelerate is a dependency
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        for sub in module.modules():
+            if has_offloaded_params(sub):
+                stack.enter_context(align_module_device(sub))
+        yield
+
+
+def _weight_device(module: nn.Module) -> torch.device:
+    w = module.weight
+    return w.device
+
+
+@contextlib.contextmanager
+def _decoded_once(twins: list[CompressedModule]) -> Iterator[None]:
+    """While re-running a block, decode each compressed weight once instead of once per batch."""
+    cache: dict[int, dict[torch.dtype, torch.Tensor]] = {}
+    patched = []
+    for twin in twins:
+        original = twin.dequantize_weight
+        store = cache.setdefault(id(twin), {})
+
+        def cached(dtype: torch.dtype = torch.float32, _orig=original, _store=store) -> torch.Tensor:
+            if dtype not in _store:
+                _store[dtype] = _orig(dtype)
+            return _store[dtype]
+
+        twin.__dict__["dequantize_weight"] = cached
+        patched.append(twin)
+    try:
+        yield
+    finally:
+        for twin in patched:
+            twin.__dict__.pop("dequantize_weight", None)
+        cache.clear()
+
+
+# ---------------------------------------------------------------------- the pipeline
+class _Run:
+    def __init__(
+        self,
+        model: nn.Module,
+        plan: dict[str, LayerSpec],
+        method: Method,
+        method_args: dict[str, Any],
+        show_progress: bool,
+    ) -> None:
+        self.model = model
+        self.plan = plan
+        self.method = method
+        self.method_args = dict(method_args)
+        self.show_progress = show_progress
+        self.results: dict[str, LayerResult] = {}
+        self.replaced: dict[str, nn.Module] = {}  # name -> original dense module (for rollback)
+
+    def compress_modules(self, names: list[str], collector: StatsCollector | None) -> list[CompressedModule]:
+        twins = []
+        for name in names:
+            dense = self.model.get_submodule(name)
+            spec = self.plan[name]
+            weight = dense.weight.detach()
+            w2d = weight.reshape(weight.shape[0], -1).to(torch.float32, copy=True)
+            stats = collector.stats(name) if collector is not None else LayerStats()
+            if collector is not None and collector.nsamples(name) == 0 and not isinstance(dense, nn.Embedding):
+                logger.warning("%s received no calibration input; it is compressed with identity statistics.", name)
+            start = time.perf_counter()
+            cw: CompressedWeight = self.method.compress_layer(w2d, stats, spec, self.method_args)
+            seconds = time.perf_counter() - start
+            _check_result(name, cw, tuple(w2d.shape))
+            twin = compressed_twin(dense, spec)
+            twin.set_compressed_weight(cw)
+            twin = twin.to(_weight_device(dense))
+            error = relative_output_error(weight.reshape(w2d.shape), cw.weight, stats)
+            self.results[name] = LayerResult(name, error, stats.nsamples, seconds)
+            logger.info("%s: relative output error %.3e (%d samples, %.2fs)", name, error, stats.nsamples, seconds)
+            set_submodule(self.model, name, twin)
+            self.replaced[name] = dense
+            twins.append(twin)
+            if collector is not None:
+                collector.release(name)
+            del stats
+        return twins
+
+    def rollback(self) -> None:
+        for name, dense in self.replaced.items():
+            set_submodule(self.model, name, dense)
+        self.replaced.clear()
+
+
+def _check_result(name: str, cw: Any, shape: tuple[int, int]) -> None:
+    if not isinstance(cw, CompressedWeight):
+        raise TypeError(f"compress_layer returned {type(cw).__name__} for {name}; it must return a CompressedWeight.")
+    if tuple(cw.weight.shape) != shape:
+        raise ValueError(f"compress_layer returned a weight of shape {tuple(cw.weight.shape)} for {name}, expected {shape}.")
+    if not torch.isfinite(cw.weight).all():
+        raise FloatingPointError(f"compress_layer produced non-finite weights for {name}.")
+
+
+def _stages(
+    blocks_in: BlockInputs, block: nn.Module, index: int, names: list[str], prefix: str
+) -> list[list[str]]:
+    """Targeted modules of a block grouped by shared input, in the order the block calls them."""
+    order: list[tuple[str, int]] = []
+    modules = {n: block.get_submodule(n[len(prefix) :]) for n in names}
+    handles = []
+    for name, module in modules.items():
+
+        def hook(mod, args, _name=name):
+            x = args[0] if args else None
+            order.append((_name, id(x)))
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        blocks_in.call(block, index, 0, blocks_in.hidden[0])
+    finally:
+        for h in handles:
+            h.remove()
+    stages: list[list[str]] = []
+    seen: set[str] = set()
+    last_input = None
+    for name, input_id in order:
+        if name in seen:
+            continue
+        seen.add(name)
+        if stages and input_id == last_input:
+            stages[-1].append(name)
+        else:
+            stages.append([name])
+        last_input = input_id
+    missing = [n for n in names if n not in seen]
+    if missing:
+        stages.append(missing)  # never called: compressed with identity statistics
+    return stages
+
+
+@torch.no_grad()
+def run_calibration(
+    model: nn.Module,
+    plan: dict[str, LayerSpec],
+    method: Method,
+    method_args: dict[str, Any],
+    batches: list[dict[str, torch.Tensor]],
+    blocks: str | None = None,
+    true_sequential: bool = False,
+    show_progress: bool = True,
+) -> dict[str, LayerResult]:
+    """Compress the modules of ``plan`` in place with the calibrated ``method`` (see module docstring).
+
+    On an exception every replaced module is put back, so the model is left as it was.
+    """
+    if method.compress_layer is None:
+        raise ValueError(f"method={method.name!r} is data-free; use hfcompress.compress(model, config) instead.")
+    if not batches:
+        raise ValueError("The calibration set is empty; pass at least one sample.")
+    blocks_name, block_list = find_blocks(model, blocks)
+    prefixes = [f"{blocks_name}.{i}." for i in range(len(block_list))]
+    per_block: list[list[str]] = [[n for n in plan if n.startswith(p)] for p in prefixes]
+    inside = {n for names in per_block for n in names}
+    outside = [n for n in plan if n not in inside]
+    needs = method.needs
+    run = _Run(model, plan, method, method_args, show_progress)
+    was_training = model.training
+    model.eval()
+    try:
+        outside_modules = {n: model.get_submodule(n) for n in outside}
+        with StatsCollector(outside_modules, needs) as pre_collector:
+            block_inputs = capture_block_inputs(model, block_list, batches)
+        early = [n for n in outside if pre_collector.nsamples(n) > 0]
+        if early:  # modules before the first block (embeddings projections...): compress, then re-capture
+            run.compress_modules(early, pre_collector)
+            block_inputs = capture_block_inputs(model, block_list, batches)
+        del pre_collector
+        hidden = block_inputs.hidden
+        block_inputs.hidden = []
+        progress = tqdm(total=len(block_list), desc=f"oneshot {method.name}", disable=not show_progress, unit="block")
+        for i, block in enumerate(block_list):
+            names = per_block[i]
+            with onloaded(block):
+                if names:
+                    block_inputs.hidden = hidden
+                    stages = _stages(block_inputs, block, i, names, prefixes[i]) if true_sequential else [names]
+                    block_inputs.hidden = []
+                    twins: list[CompressedModule] = []
+                    for stage in stages:
+                        modules = {n: model.get_submodule(n) for n in stage}
+                        with StatsCollector(modules, needs) as collector, _decoded_once(twins):
+                            for b, h in enumerate(hidden):
+                                block_inputs.call(block, i, b, h)
+                        twins += run.compress_modules(stage, collector)
+                        del collector
+                    with _decoded_once(twins):
+                        hidden = [block_inputs.call(block, i, b, h) for b, h in enumerate(hidden)]
+                else:
+                    hidden = [block_inputs.call(block, i, b, h) for b, h in enumerate(hidden)]
+            progress.update(1)
+        progress.close()
+        del hidden
+        late = [n for n in outside if n not in run.results]
+        if late:  # modules after the blocks (poolers, heads that are not ignored)
+            modules = {n: model.get_submodule(n) for n in late}
+            extra = model_call_kwargs(model)
+            with StatsCollector(modules, needs) as collector:
+                for batch in batches:
+                    model(**batch, **extra)
+            run.compress_modules(late, collector)
+    except BaseException:
+        run.rollback()
+        raise
+    finally:
+        model.train(was_training)
+    run.replaced.clear()
+    return run.results
+
+
+__all__ += ["first_tensor", "onloaded"]

@@ -1,0 +1,176 @@
+"""Per-layer calibration statistics and the forward hooks that collect them.
+
+:class:`LayerStats` is what a calibrated method's ``compress_layer`` receives (see
+:mod:`hfcompress.algorithms`). For a layer computing ``y = W x`` with ``W[rows, cols]`` and calibration
+inputs ``x_1 .. x_n`` (one per token, ``cols`` features):
+
+* ``hessian = 2/n * sum_t x_t x_t^T`` (``[cols, cols]`` float32): the Hessian of the layer-wise
+  objective ``mean_t |(W - W') x_t|^2`` that GPTQ and SparseGPT minimise (the GPTQ scaling);
+* ``act_sq = sum_t x_t**2`` (``[cols]`` float32): the squared input norm per feature, Wanda's
+  ``|X_j|_2 = sqrt(act_sq[j])``;
+* ``nsamples = n``: the number of tokens (vectors) seen.
+
+Inputs are flattened to vectors of the weight's ``cols``: the last dimension of a Linear input, and for a
+Conv2d the ``in/groups * kh * kw`` patches :func:`torch.nn.functional.unfold` extracts (column order
+matches ``weight.reshape(out, -1)``; for grouped/depthwise convolutions the patches of all groups are
+pooled, an approximation since each group of filters sees its own channels). An Embedding's lookup is
+exact per row, so its statistics are the identity (GPTQ then reduces to round-to-nearest).
+
+Products are computed in float32 per batch and accumulated in float64, so long calibration runs lose no
+precision. Modules that read the very same input tensor (``q/k/v_proj``, ``gate/up_proj``) share the
+product computation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["LayerStats", "StatsCollector", "identity_stats", "layer_inputs_2d"]
+
+
+@dataclass
+class LayerStats:
+    """Calibration statistics of one layer's input (see the module docstring for definitions)."""
+
+    hessian: torch.Tensor | None = None  # float32 [cols, cols], 2/n * sum x x^T
+    act_sq: torch.Tensor | None = None  # float32 [cols], sum x**2
+    nsamples: int = 0
+
+
+def identity_stats(cols: int, needs: frozenset[str], device: torch.device | str = "cpu") -> LayerStats:
+    """Statistics of inputs that carry no information about the weight's columns (identity Hessian)."""
+    return LayerStats(
+        hessian=torch.eye(cols, device=device) if "hessian" in needs else None,
+        act_sq=torch.ones(cols, device=device) if "act_sq" in needs else None,
+        nsamples=0,
+    )
+
+
+def layer_inputs_2d(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input of ``module`` as float32 vectors ``[n, cols]`` matching ``weight.reshape(rows, cols)``."""
+    if isinstance(module, nn.Conv2d):
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        if module.padding_mode != "zeros":
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+            padding = 0
+        else:
+            padding = module.padding
+        if isinstance(padding, str):  # "same"/"valid": materialise the explicit padding
+            if padding == "valid":
+                padding = 0
+            else:
+                pads = []
+                for k, d in zip(reversed(module.kernel_size), reversed(module.dilation)):
+                    total = d * (k - 1)
+                    pads += [total // 2, total - total // 2]
+                x = F.pad(x, pads)
+                padding = 0
+        cols = F.unfold(x.float(), module.kernel_size, module.dilation, padding, module.stride)  # [N, C*kh*kw, L]
+        per_group = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        n, _, length = cols.shape
+        # [N, groups, per_group, L] -> [N * groups * L, per_group]: patches of all channel groups pooled
+        return cols.reshape(n, module.groups, per_group, length).permute(0, 1, 3, 2).reshape(-1, per_group)
+    return x.reshape(-1, x.shape[-1]).float()
+
+
+class _Accumulator:
+    __slots__ = ("xtx", "sq", "n")
+
+    def __init__(self) -> None:
+        self.xtx: torch.Tensor | None = None
+        self.sq: torch.Tensor | None = None
+        self.n = 0
+
+
+class StatsCollector:
+    """Forward pre-hooks accumulating :class:`LayerStats` for some modules while a block runs.
+
+    Use as a context manager; the hooks are removed on exit, also after an exception::
+
+        with StatsCollector({"mlp.up_proj": up}, needs={"hessian"}) as collector:
+            block(hidden_states)
+        stats = collector.stats("mlp.up_proj")
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], needs: frozenset[str] | set[str]) -> None:
+        self.modules = dict(modules)
+        self.needs = frozenset(needs)
+        self._acc = {name: _Accumulator() for name in self.modules}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._last: tuple | None = None  # (module, input, x^T x, sum x^2, n) of the latest hook call
+
+    # ------------------------------------------------------------------ hooks
+    def __enter__(self) -> "StatsCollector":
+        for name, module in self.modules.items():
+            if isinstance(module, nn.Embedding):
+                continue  # identity statistics, see module docstring
+            self._handles.append(module.register_forward_pre_hook(self._make_hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove every hook (idempotent) and drop cached inputs."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._last = None
+
+    def _make_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor):
+                return
+            self._accumulate(name, module, x)
+
+        return hook
+
+    @torch.no_grad()
+    def _accumulate(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
+        last = self._last
+        if last is not None and last[1] is x and type(last[0]) is type(module) and _same_geometry(last[0], module):
+            _, _, xtx, sq, n = last  # same input tensor as the previous hook (q/k/v): reuse the products
+        else:
+            x2 = layer_inputs_2d(module, x)
+            n = x2.shape[0]
+            xtx = (x2.t() @ x2).double() if "hessian" in self.needs else None
+            sq = x2.pow(2).sum(0).double() if "act_sq" in self.needs else None
+            self._last = (module, x, xtx, sq, n)
+        acc = self._acc[name]
+        if xtx is not None:
+            acc.xtx = xtx.clone() if acc.xtx is None else acc.xtx.add_(xtx)
+        if sq is not None:
+            acc.sq = sq.clone() if acc.sq is None else acc.sq.add_(sq)
+        acc.n += n
+
+    # ------------------------------------------------------------------ results
+    def nsamples(self, name: str) -> int:
+        return self._acc[name].n
+
+    def stats(self, name: str) -> LayerStats:
+        """The statistics of module ``name`` (identity statistics when it saw no input)."""
+        acc = self._acc[name]
+        module = self.modules[name]
+        if acc.n == 0:
+            cols = module.weight.reshape(module.weight.shape[0], -1).shape[1]
+            return identity_stats(cols, self.needs, module.weight.device)
+        hessian = (acc.xtx * (2.0 / acc.n)).float() if acc.xtx is not None else None
+        act_sq = acc.sq.float() if acc.sq is not None else None
+        return LayerStats(hessian=hessian, act_sq=act_sq, nsamples=acc.n)
+
+    def release(self, name: str) -> None:
+        """Free the accumulators of ``name``."""
+        self._acc[name] = _Accumulator()
+
+
+def _same_geometry(a: nn.Module, b: nn.Module) -> bool:
+    if isinstance(a, nn.Conv2d):
+        keys = ("kernel_size", "stride", "padding", "dilation", "groups", "in_channels", "padding_mode")
+        return all(getattr(a, k) == getattr(b, k) for k in keys)
+    return True

@@ -1,0 +1,190 @@
+"""``hfcompress.oneshot``: compress a loaded model with a calibrated method (GPTQ, ...), in place.
+
+::
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    hfcompress.oneshot(model, HfCompressConfig(method="gptq", bits=4, group_size=64), tokenizer=tok)
+    model.save_pretrained(out)          # packed format; reloads with plain from_pretrained(out)
+
+The calibration data (``dataset``) is described in :mod:`hfcompress.calibration.data`, the
+layer-by-layer pipeline in :mod:`hfcompress.calibration.pipeline`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .algorithms import get_method
+from .apply import compress, mark_compressed
+from .calibration.data import calibration_batches
+from .calibration.pipeline import LayerResult, run_calibration
+from .config import HfCompressConfig
+from .modules import CompressedModule
+from .spec import LayerSpec
+from .targets import resolve_layers
+
+logger = logging.getLogger("hfcompress.calibration")
+
+__all__ = ["oneshot", "config_with_layer_specs"]
+
+
+def config_with_layer_specs(
+    model: nn.Module, config: HfCompressConfig, layer_specs: dict[str, LayerSpec] | None
+) -> tuple[HfCompressConfig, dict[str, LayerSpec]]:
+    """A copy of ``config`` whose ``overrides`` pin the given per-module specs, and the resulting plan.
+
+    Each module whose spec differs from what ``config`` gives it gets an exact-name override entry
+    (placed first, so it wins), so the saved ``quantization_config`` reproduces every module's spec on
+    reload. Used for non-uniform allocations such as OWL's per-layer sparsity.
+    """
+    plan = resolve_layers(model, config)
+    if not layer_specs:
+        return config, plan
+    if not isinstance(layer_specs, dict):
+        raise TypeError(f"layer_specs must be a dict {{module name: LayerSpec}}, got {type(layer_specs).__name__}.")
+    method = get_method(config.method)
+    default = config.default_spec()
+    entries = []
+    for name, spec in layer_specs.items():
+        if name not in plan:
+            close = [n for n in plan if n.endswith(str(name))][:3]
+            raise ValueError(
+                f"layer_specs key {name!r} is not a module the config compresses"
+                + (f"; did you mean {close}?" if close else "; use full module names such as those of resolve_layers().")
+            )
+        if not isinstance(spec, LayerSpec):
+            raise TypeError(f"layer_specs[{name!r}] must be a LayerSpec, got {type(spec).__name__}.")
+        if spec.quantized and not method.quantizes:
+            raise ValueError(f"layer_specs[{name!r}] sets bits={spec.bits} but method={config.method!r} does not quantize.")
+        if spec.sparse and not method.prunes:
+            raise ValueError(f"layer_specs[{name!r}] asks for sparsity but method={config.method!r} does not prune.")
+        if not (spec.quantized or spec.sparse):
+            raise ValueError(f"layer_specs[{name!r}] compresses nothing; set bits and/or sparsity.")
+        if spec == plan[name]:
+            continue
+        changed = {k: v for k, v in spec.to_dict().items() if v != getattr(default, k)}
+        entries.append({"targets": [f"re:^{re.escape(name)}$"], **changed})
+    if not entries:
+        return config, plan
+    values = config.to_dict()
+    values.pop("quant_method", None)
+    values["overrides"] = entries + list(config.overrides)
+    new_config = HfCompressConfig(**values)
+    new_plan = resolve_layers(model, new_config)
+    for name, spec in layer_specs.items():
+        if new_plan[name] != spec:  # pragma: no cover - guards the override mechanism itself
+            raise RuntimeError(f"Could not pin the spec of {name!r} through config overrides.")
+    return new_config, new_plan
+
+
+def _load_tokenizer(model: nn.Module):
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    if name and Path(name).is_dir():
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(name)
+    raise ValueError(
+        "Text calibration data needs a tokenizer and the model was not loaded from a local folder that has one; "
+        "pass tokenizer=AutoTokenizer.from_pretrained(...)."
+    )
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    get_in = getattr(model, "get_input_embeddings", None)
+    try:
+        emb = get_in() if callable(get_in) else None
+    except NotImplementedError:
+        emb = None
+    if emb is not None and getattr(emb, "weight", None) is not None and emb.weight.device.type != "meta":
+        return emb.weight.device
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def oneshot(
+    model: nn.Module,
+    config: HfCompressConfig,
+    dataset: Any = None,
+    *,
+    tokenizer=None,
+    num_samples: int = 128,
+    seq_len: int = 512,
+    seed: int = 0,
+    batch_size: int = 8,
+    text_column: str | None = None,
+    dataset_config: str | None = None,
+    split: str = "train",
+    blocks: str | None = None,
+    true_sequential: bool = False,
+    layer_specs: dict[str, LayerSpec] | None = None,
+    show_progress: bool = True,
+    return_results: bool = False,
+) -> nn.Module | tuple[nn.Module, dict[str, LayerResult]]:
+    """Compress ``model`` in place with ``config``'s method, calibrating on ``dataset``; returns the model.
+
+    Args:
+        model: a loaded transformers model (any dtype; float32 gives the most accurate statistics). Models
+            dispatched with accelerate (``device_map``, CPU/disk offload) are processed one block at a time.
+        config: the :class:`~hfcompress.HfCompressConfig`; a data-free method (``"rtn"``) ignores the data.
+        dataset: calibration data: ``None`` (offline Wikipedia summaries), a list of strings, a
+            ``datasets.Dataset``/``IterableDataset``, a local ``.txt``/``.json``/``.jsonl``/``.csv``/``.parquet``
+            file, a Hub dataset name, or ready model inputs (a tensor, or a list of dicts of tensors, e.g.
+            ``pixel_values`` for vision models). See :mod:`hfcompress.calibration.data`.
+        tokenizer: needed for text data; defaults to the tokenizer saved with the model's local folder.
+        num_samples, seq_len: the calibration set is ``num_samples`` windows of ``seq_len`` tokens.
+        seed: selects and orders the documents; the same seed gives the same windows.
+        batch_size: windows per forward pass (memory vs speed; results do not depend on it).
+        text_column, dataset_config, split: how to read a ``datasets`` source.
+        blocks: name of the model's block list when the automatic search picks the wrong one.
+        true_sequential: calibrate the modules inside each block in execution order (slower, often better).
+        layer_specs: ``{module name: LayerSpec}`` overriding the config per module (e.g. non-uniform
+            per-layer sparsity); they are written into the saved config's ``overrides``.
+        show_progress: tqdm progress bar per block.
+        return_results: also return ``{module name: LayerResult}`` (relative output error per module).
+
+    Bad arguments raise before anything is modified; an error during compression puts every replaced
+    module back. Afterwards ``model.save_pretrained(out)`` writes the compressed checkpoint.
+    """
+    if not isinstance(config, HfCompressConfig):
+        raise TypeError(f"config must be an HfCompressConfig, got {type(config).__name__}.")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch nn.Module (a transformers model), got {type(model).__name__}.")
+    already = [n for n, m in model.named_modules() if isinstance(m, CompressedModule)]
+    if already:
+        raise ValueError(
+            f"The model is already compressed ({len(already)} modules, e.g. {already[0]!r}); reload the dense model."
+        )
+    method = get_method(config.method)
+    config, plan = config_with_layer_specs(model, config, layer_specs)
+    if method.data_free:
+        if layer_specs:
+            logger.info("method=%r needs no calibration data; the layer_specs overrides are applied as given.", method.name)
+        compress(model, config)
+        return (model, {}) if return_results else model
+    main_input = getattr(model, "main_input_name", "input_ids")
+    needs_text = not (
+        isinstance(dataset, torch.Tensor) or (isinstance(dataset, (list, tuple)) and dataset and isinstance(dataset[0], dict))
+    )
+    if needs_text and tokenizer is None:
+        tokenizer = _load_tokenizer(model)
+    batches = calibration_batches(
+        dataset, tokenizer, num_samples=num_samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
+        text_column=text_column, dataset_config=dataset_config, split=split, main_input_name=main_input,
+    )  # fmt: skip
+    device = _input_device(model)
+    batches = [{k: v.to(device) for k, v in batch.items()} for batch in batches]
+    results = run_calibration(
+        model, plan, method, config.method_args, batches, blocks=blocks, true_sequential=true_sequential,
+        show_progress=show_progress,
+    )  # fmt: skip
+    mark_compressed(model, config)
+    return (model, results) if return_results else model
