@@ -1,0 +1,241 @@
+"""What a saved checkpoint folder holds, read from ``config.json`` and the safetensors headers.
+
+:func:`inspect_checkpoint` never loads the weights: it builds the model's skeleton on the meta device,
+resolves which modules the saved :class:`~hfcompress.HfCompressConfig` compresses (exactly as the
+reload path does), validates their stored tensors against the format, and sizes everything from the
+headers. With ``measure=True`` it also decodes one compressed layer at a time to count the zeros
+actually stored (the realised sparsity), keeping memory at one layer.
+
+The result has the schema of :func:`hfcompress.compression_report` plus the checkpoint's identity, so
+model cards and ``hfcompress inspect`` treat a folder and an in-memory model alike.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import SAFETENSORS_DTYPES, read_header, read_tensor_index
+from ..config import QUANT_METHOD, HfCompressConfig
+
+__all__ = ["checkpoint_files", "inspect_checkpoint", "layer_groups", "load_saved_config"]
+
+_INDEX = "model.safetensors.index.json"
+
+
+def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a checkpoint folder (the shards its index names, else ``*.safetensors``)."""
+    folder = Path(folder)
+    index = folder / _INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shard(s) that are missing: {missing}.")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no .safetensors weights; is it a folder written by save_pretrained?")
+    return files
+
+
+def load_saved_config(folder: str | os.PathLike):
+    """The transformers config of a saved folder, with a clear error when it is not a model folder."""
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} has no config.json; pass a folder written by save_pretrained or `hfcompress compress`.")
+    return AutoConfig.from_pretrained(folder)
+
+
+def _hfcompress_config(model_config) -> HfCompressConfig | None:
+    qc = getattr(model_config, "quantization_config", None)
+    if qc is None:
+        return None
+    if isinstance(qc, HfCompressConfig):
+        return qc
+    if isinstance(qc, dict):
+        if qc.get("quant_method") != QUANT_METHOD:
+            return None
+        return HfCompressConfig.from_dict(dict(qc))
+    return None
+
+
+def _skeleton(model_config) -> torch.nn.Module:
+    """The model of a config with every tensor on the meta device (no memory, no init)."""
+    import transformers
+
+    archs = getattr(model_config, "architectures", None) or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    with torch.device("meta"):
+        if cls is not None:
+            return cls(model_config)
+        return transformers.AutoModel.from_config(model_config)
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+def inspect_checkpoint(folder: str | os.PathLike, measure: bool = False) -> dict[str, Any]:
+    """Per-layer format, bits, group size, sparsity and bytes of a saved (compressed or dense) checkpoint.
+
+    Args:
+        folder: a folder written by ``save_pretrained`` (or ``hfcompress compress``).
+        measure: also decode each compressed layer (one at a time) and report ``zero_fraction``, the share of
+            exact zeros in its stored weight: the realised sparsity, or codes that round to zero.
+
+    Returns:
+        ``{"folder", "architecture", "model_type", "quantization_config" (dict or None), "compressed",
+        "layers": [...], "compressed_bytes", "other_bytes", "total_bytes", "compressed_params",
+        "bf16_bytes"}``; each layer has ``name, format, shape, bits, group_size, sparsity, nbytes,
+        bits_per_weight`` (and ``zero_fraction`` when measured). ``bf16_bytes`` is the size of the same
+        checkpoint with the compressed layers stored densely in bfloat16.
+
+    Raises:
+        FileNotFoundError: no config.json or no safetensors weights.
+        ValueError: the stored tensors do not match what the config says (damaged or foreign checkpoint).
+    """
+    from ..modules import compressed_twin, set_submodule
+    from ..targets import resolve_layers
+
+    folder = Path(folder)
+    model_config = load_saved_config(folder)
+    files = checkpoint_files(folder)
+    file_of: dict[str, Path] = {}
+    sizes: dict[str, tuple[int, int]] = {}  # name -> (bytes, bytes if stored in bfloat16)
+    for path in files:
+        for name, info in read_header(path).items():
+            if name == "__metadata__":
+                continue
+            file_of[name] = path
+            dtype = SAFETENSORS_DTYPES.get(info["dtype"], torch.uint8)
+            nbytes = _nbytes(tuple(info["shape"]), dtype)
+            sizes[name] = (nbytes, 2 * math.prod(info["shape"]) if dtype.is_floating_point else nbytes)
+    total = sum(n for n, _ in sizes.values())
+    qconfig = _hfcompress_config(model_config)
+    report: dict[str, Any] = {
+        "folder": str(folder),
+        "architecture": (getattr(model_config, "architectures", None) or [None])[0],
+        "model_type": getattr(model_config, "model_type", None),
+        "quantization_config": qconfig.to_dict() if qconfig is not None else None,
+        "compressed": qconfig is not None,
+        "layers": [],
+    }
+    layers = []
+    stored_keys: set[str] = set()
+    if qconfig is not None:
+        model = _skeleton(model_config)
+        index = read_tensor_index([str(f) for f in files])
+        renamed = index.renamed_for(model)
+        original = dict(zip(renamed.tensors, index.tensors)) if len(renamed.tensors) == len(index.tensors) else {}
+        for name, spec in resolve_layers(model, qconfig).items():
+            dense = model.get_submodule(name)
+            twin = compressed_twin(dense, spec)
+            found = renamed.module_tensors(name, model)
+            if not found:
+                raise ValueError(
+                    f"{folder}: the config compresses {name!r} but the checkpoint stores no tensors for it; the "
+                    "checkpoint is damaged or was written with another config."
+                )
+            twin.init_empty(found, where=name)
+            set_submodule(model, name, twin)
+            stored_keys.update(_stored_names(name, found, model, original))
+            numel = math.prod(twin.dense_shape)
+            nbytes = twin.compressed_nbytes()
+            layer = {
+                "name": name, "format": twin.format_name, "shape": list(twin.dense_shape), "bits": spec.bits,
+                "group_size": spec.group_size, "sparsity": spec.effective_sparsity, "nbytes": nbytes,
+                "bits_per_weight": 8 * nbytes / numel,
+            }  # fmt: skip
+            if measure:
+                layer["zero_fraction"] = _zero_fraction(twin, name, found, model, original, file_of)
+            layers.append(layer)
+    compressed = sum(layer["nbytes"] for layer in layers)
+    params = sum(math.prod(layer["shape"]) for layer in layers)
+    other_bf16 = sum(bf16 for name, (_, bf16) in sizes.items() if name not in stored_keys)
+    report.update(
+        layers=layers,
+        compressed_bytes=compressed,
+        other_bytes=total - compressed,
+        total_bytes=total,
+        compressed_params=params,
+        bf16_bytes=other_bf16 + 2 * params,
+    )
+    return report
+
+
+def _stored_names(name: str, found: dict, model, original: dict) -> set[str]:
+    """The checkpoint keys of one compressed module's tensors (as written in the file)."""
+    out = set()
+    base = getattr(model, "base_model_prefix", "")
+    prefixes = [name + "."]
+    if base and name.startswith(base + "."):
+        prefixes.append(name[len(base) + 1 :] + ".")
+    elif base:
+        prefixes.append(f"{base}.{name}.")
+    for short in found:
+        for prefix in prefixes:
+            out.add(original.get(prefix + short, prefix + short))
+    return out
+
+
+def _zero_fraction(twin, name: str, found: dict, model, original: dict, file_of: dict) -> float:
+    from safetensors import safe_open
+
+    prefixes = [name + "."]
+    base = getattr(model, "base_model_prefix", "")
+    if base and name.startswith(base + "."):
+        prefixes.append(name[len(base) + 1 :] + ".")
+    elif base:
+        prefixes.append(f"{base}.{name}.")
+    tensors = {}
+    for short in found:
+        for prefix in prefixes:
+            key = original.get(prefix + short, prefix + short)
+            if key in file_of:
+                with safe_open(str(file_of[key]), framework="pt") as f:
+                    tensors[short] = f.get_tensor(key)
+                break
+    twin.set_compressed(tensors, where=name)
+    weight = twin.dequantize_weight(torch.float32)
+    fraction = float((weight == 0).sum()) / weight.numel()
+    twin.init_empty(found, where=name)  # drop the decoded layer again
+    return fraction
+
+
+_INDEX_PART = re.compile(r"(?<=\.)\d+(?=\.)")
+
+
+def layer_groups(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Layers grouped by role: the name with block indices replaced by ``*`` (``model.layers.*.mlp.up_proj``).
+
+    Each group: ``group, count, format, bits, group_size, sparsity, params, nbytes, bits_per_weight``; a
+    setting that differs inside a group is reported as ``"mixed"``.
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for layer in layers:
+        groups.setdefault(_INDEX_PART.sub("*", layer["name"]), []).append(layer)
+    out = []
+    for key, members in groups.items():
+        params = sum(math.prod(m["shape"]) for m in members)
+        nbytes = sum(m["nbytes"] for m in members)
+
+        def same(field: str):
+            values = {json.dumps(m[field]) for m in members}
+            return members[0][field] if len(values) == 1 else "mixed"
+
+        out.append({
+            "group": key, "count": len(members), "format": same("format"), "bits": same("bits"),
+            "group_size": same("group_size"), "sparsity": same("sparsity"), "params": params, "nbytes": nbytes,
+            "bits_per_weight": 8 * nbytes / params if params else 0.0,
+        })  # fmt: skip
+    return out
