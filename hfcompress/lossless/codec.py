@@ -1,0 +1,297 @@
+"""Tensor <-> lossless payload: chunking, the payload header, checksums and parallel decoding.
+
+A payload is one ``uint8`` tensor (stored in safetensors next to, or instead of, the tensor it encodes).
+All integers are little-endian.
+
+==========  =====================  ==========================================================
+bytes       field                  content
+==========  =====================  ==========================================================
+4           magic                  ``b"HFCL"``
+1           version                ``1``
+1           dtype                  code from :data:`~hfcompress.lossless.planes.DTYPE_CODES`
+1           layout                 0 bytes, 1 float (see :mod:`hfcompress.lossless.planes`)
+1           ndim                   number of dimensions
+8 * ndim    shape                  u64 each
+8           chunk_elems            elements per chunk (the last chunk may be shorter)
+4           n_chunks               ``ceil(numel / chunk_elems)``
+1           n_planes               1 (bytes) or 2 (float)
+per chunk   records                per plane: method u8 (0 raw, 1 DEFLATE) and stored size u32;
+                                   then the CRC-32 of the chunk's original element bytes (u32)
+4           header CRC-32          of every header byte before it
+...         data                   chunk by chunk, plane by plane, the stored bytes
+==========  =====================  ==========================================================
+
+Every chunk decodes on its own (so chunks decode in parallel threads, and a reader can decode part of a
+tensor), and every decoded chunk is checked against its CRC-32: a damaged or truncated payload raises
+:class:`LosslessFormatError` and never yields wrong values.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import coder, planes
+
+MAGIC = b"HFCL"
+VERSION = 1
+#: default elements per chunk: 256 Ki elements (512 KiB of bfloat16), small enough to spread a layer over threads
+DEFAULT_CHUNK_ELEMS = 1 << 18
+_MAX_CHUNK_ELEMS = 1 << 30
+_FIXED = struct.Struct("<4sBBBB")
+
+
+class LosslessFormatError(ValueError):
+    """A lossless payload is corrupt, truncated or was written by an incompatible version."""
+
+
+@dataclass(frozen=True)
+class ChunkRecord:
+    methods: tuple[int, ...]
+    sizes: tuple[int, ...]
+    crc: int
+
+
+@dataclass(frozen=True)
+class PayloadInfo:
+    """What a payload header says (parsing it reads no data)."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    layout: int
+    chunk_elems: int
+    chunks: tuple[ChunkRecord, ...]
+    header_bytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(sum(c.sizes) for c in self.chunks)
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the whole payload."""
+        return self.header_bytes + self.data_bytes
+
+    @property
+    def raw_nbytes(self) -> int:
+        """Size of the tensor it decodes to."""
+        return self.numel * self.dtype.itemsize
+
+
+# ---------------------------------------------------------------------------------------------- threads
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def default_threads() -> int:
+    """Decoding threads: ``$HFCOMPRESS_THREADS`` or the CPUs this process may use."""
+    env = os.environ.get("HFCOMPRESS_THREADS")
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise ValueError(f"HFCOMPRESS_THREADS={env!r} must be a positive integer.") from None
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < threads:
+            _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hfcompress-lossless")
+        return _POOL
+
+
+def _run(fn, items: list, threads: int | None) -> list:
+    threads = default_threads() if threads is None else threads
+    if threads <= 1 or len(items) <= 1:
+        return [fn(i) for i in items]
+    return list(_pool(threads).map(fn, items))
+
+
+# ---------------------------------------------------------------------------------------------- encode
+def encode_tensor(tensor: torch.Tensor, chunk_elems: int = DEFAULT_CHUNK_ELEMS, threads: int | None = None) -> torch.Tensor:
+    """Encode ``tensor`` into a lossless payload (a 1-D ``uint8`` CPU tensor).
+
+    Args:
+        tensor: any shape; dtype bfloat16, float16, float32, uint8, int8, bool or float8.
+        chunk_elems: elements per independently decodable chunk.
+        threads: encoding threads (default :func:`default_threads`).
+    """
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}.")
+    if not planes.supported(tensor.dtype):
+        raise ValueError(
+            f"tensor dtype {tensor.dtype} cannot be coded losslessly; supported: "
+            f"{[str(d) for d in planes.DTYPE_CODES]}."
+        )
+    if isinstance(chunk_elems, bool) or not isinstance(chunk_elems, int) or not 1 <= chunk_elems <= _MAX_CHUNK_ELEMS:
+        raise ValueError(f"chunk_elems={chunk_elems!r} must be an integer in [1, {_MAX_CHUNK_ELEMS}].")
+    dtype = tensor.dtype
+    x = planes.as_uint_array(tensor.detach().cpu())
+    n = x.size
+    starts = list(range(0, n, chunk_elems))
+
+    def encode_chunk(start: int):
+        part = x[start : start + chunk_elems]
+        coded = [coder.encode_plane(p) for p in planes.split(part, dtype)]
+        return coded, coder.crc32(part)
+
+    results = _run(encode_chunk, starts, threads)
+    widths = planes.plane_widths(dtype)
+    head = bytearray(_FIXED.pack(MAGIC, VERSION, planes.DTYPE_CODES[dtype], planes.layout_of(dtype), tensor.dim()))
+    head += struct.pack(f"<{tensor.dim()}Q", *tensor.shape)
+    head += struct.pack("<QIB", chunk_elems, len(starts), len(widths))
+    for coded, crc in results:
+        for method, data in coded:
+            head += struct.pack("<BI", method, len(data))
+        head += struct.pack("<I", crc)
+    head += struct.pack("<I", coder.crc32(bytes(head)))
+    out = bytearray(head)
+    for coded, _ in results:
+        for _, data in coded:
+            out += data
+    return torch.frombuffer(out, dtype=torch.uint8) if out else torch.empty(0, dtype=torch.uint8)
+
+
+# ---------------------------------------------------------------------------------------------- parse
+def _as_bytes(payload) -> memoryview:
+    if isinstance(payload, torch.Tensor):
+        if payload.dtype != torch.uint8 or payload.dim() != 1:
+            raise LosslessFormatError(
+                f"a lossless payload is a 1-D uint8 tensor, got {payload.dtype} of shape {tuple(payload.shape)}."
+            )
+        payload = payload.detach().cpu().contiguous().numpy()
+    if isinstance(payload, np.ndarray):
+        return memoryview(payload.reshape(-1).view(np.uint8)).cast("B")
+    return memoryview(payload).cast("B")
+
+
+def header_prefix_size(first: bytes) -> int:
+    """Bytes needed to read dtype and shape, given at least the first 8 bytes of a payload."""
+    _check_fixed(first, "payload")
+    return _FIXED.size + 8 * first[7]
+
+
+def _check_fixed(buf, where: str) -> None:
+    if len(buf) < _FIXED.size:
+        raise LosslessFormatError(f"{where}: lossless payload is truncated ({len(buf)} bytes, no header).")
+    magic, version, dtype_code, layout, _ = _FIXED.unpack_from(buf, 0)
+    if magic != MAGIC:
+        raise LosslessFormatError(f"{where}: not a lossless payload (magic {bytes(magic)!r}, expected {MAGIC!r}).")
+    if version != VERSION:
+        raise LosslessFormatError(
+            f"{where}: lossless payload version {version} is not supported by this hfcompress (reads version "
+            f"{VERSION}); upgrade hfcompress."
+        )
+    if dtype_code not in planes.CODE_DTYPES:
+        raise LosslessFormatError(f"{where}: lossless payload has unknown dtype code {dtype_code}.")
+
+
+def peek_dtype_shape(prefix: bytes, where: str = "payload") -> tuple[torch.dtype, tuple[int, ...]]:
+    """dtype and shape from the first :func:`header_prefix_size` bytes of a payload."""
+    _check_fixed(prefix, where)
+    ndim = prefix[7]
+    need = _FIXED.size + 8 * ndim
+    if len(prefix) < need:
+        raise LosslessFormatError(f"{where}: lossless payload is truncated inside its header.")
+    shape = struct.unpack_from(f"<{ndim}Q", prefix, _FIXED.size)
+    return planes.CODE_DTYPES[prefix[5]], tuple(int(s) for s in shape)
+
+
+def read_info(payload, where: str = "payload") -> PayloadInfo:
+    """Parse and verify (CRC) a payload header; raises :class:`LosslessFormatError` when damaged."""
+    buf = _as_bytes(payload)
+    dtype, shape = peek_dtype_shape(bytes(buf[: _FIXED.size + 8 * 255]), where)
+    layout = buf[6]
+    if layout != planes.layout_of(dtype):
+        raise LosslessFormatError(f"{where}: lossless payload layout {layout} does not match its dtype {dtype}.")
+    pos = _FIXED.size + 8 * len(shape)
+    try:
+        chunk_elems, n_chunks, n_planes = struct.unpack_from("<QIB", buf, pos)
+        pos += 13
+        n_widths = len(planes.plane_widths(dtype))
+        if n_planes != n_widths:
+            raise LosslessFormatError(f"{where}: lossless payload has {n_planes} planes, {dtype} needs {n_widths}.")
+        rec = struct.Struct("<" + "BI" * n_planes + "I")
+        if len(buf) < pos + n_chunks * rec.size + 4:
+            raise struct.error("header runs past the end")
+        chunks = []
+        for _ in range(n_chunks):
+            vals = rec.unpack_from(buf, pos)
+            pos += rec.size
+            chunks.append(ChunkRecord(tuple(vals[0:-1:2]), tuple(vals[1:-1:2]), vals[-1]))
+        (crc,) = struct.unpack_from("<I", buf, pos)
+    except struct.error:
+        raise LosslessFormatError(f"{where}: lossless payload is truncated inside its header.") from None
+    if coder.crc32(buf[:pos]) != crc:
+        raise LosslessFormatError(f"{where}: lossless payload header is corrupt (checksum mismatch).")
+    info = PayloadInfo(dtype, shape, layout, chunk_elems, tuple(chunks), pos + 4)
+    numel = info.numel
+    if chunk_elems < 1 or n_chunks != (numel + chunk_elems - 1) // chunk_elems:
+        raise LosslessFormatError(f"{where}: lossless payload header is inconsistent ({n_chunks} chunks for {numel} elements).")
+    if len(buf) != info.nbytes:
+        what = "truncated" if len(buf) < info.nbytes else "longer than its header says"
+        raise LosslessFormatError(
+            f"{where}: lossless payload is {what} ({len(buf)} bytes, header says {info.nbytes}); the checkpoint file is "
+            "damaged. Re-download or re-convert it."
+        )
+    return info
+
+
+# ---------------------------------------------------------------------------------------------- decode
+def decode_tensor(payload, threads: int | None = None, where: str = "payload") -> torch.Tensor:
+    """Decode a payload back into the exact tensor it was made from (CPU, contiguous).
+
+    Raises :class:`LosslessFormatError` (naming ``where``) if any header field, stored byte or checksum is off.
+    """
+    buf = _as_bytes(payload)
+    info = read_info(buf, where)
+    dtype, n = info.dtype, info.numel
+    w = dtype.itemsize
+    out = np.empty(n, dtype=planes._UINT[w])
+    widths = planes.plane_widths(dtype)
+    jobs = []
+    pos, start = info.header_bytes, 0
+    for i, rec in enumerate(info.chunks):
+        count = min(info.chunk_elems, n - start)
+        spans = []
+        for size in rec.sizes:
+            spans.append(buf[pos : pos + size])
+            pos += size
+        jobs.append((i, start, count, rec, spans))
+        start += count
+
+    def decode_chunk(job) -> None:
+        i, start, count, rec, spans = job
+        try:
+            parts = [coder.decode_plane(m, s, count * pw) for m, s, pw in zip(rec.methods, spans, widths)]
+        except coder.PlaneDecodeError as exc:
+            raise LosslessFormatError(f"{where}: chunk {i} of the lossless payload is corrupt: {exc}.") from None
+        dst = out[start : start + count]
+        planes.merge(parts, dtype, dst)
+        if coder.crc32(dst) != rec.crc:
+            raise LosslessFormatError(
+                f"{where}: chunk {i} of the lossless payload fails its checksum; the checkpoint file is damaged. "
+                "Re-download or re-convert it."
+            )
+
+    _run(decode_chunk, jobs, threads)
+    return torch.from_numpy(out.view(_NP_SIGNED[w])).view(dtype).reshape(info.shape)
+
+
+_NP_SIGNED = {1: np.uint8, 2: np.int16, 4: np.int32}
