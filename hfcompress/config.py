@@ -40,6 +40,8 @@ class HfCompressConfig(QuantizationConfigMixin):
 
         HfCompressConfig(bits=4, group_size=128)        # RTN int4, symmetric, every Linear but the output head
         HfCompressConfig(bits=8, group_size=None)       # int8 per output channel
+        HfCompressConfig(lossless=True)                 # bit-exact: entropy-coded bf16 weights (~2/3 the size)
+        HfCompressConfig(bits=4, group_size=64, lossless=True)  # int4, then the codes entropy-coded too
 
     Args:
         bits: integer width of the weights (2, 3, 4, 5, 6, 8) or ``None`` to leave values in floating point.
@@ -59,6 +61,10 @@ class HfCompressConfig(QuantizationConfigMixin):
         overrides: advanced per-target settings, e.g.
             ``[{"targets": ["re:mlp\\.down_proj"], "bits": 8, "group_size": None}]``: each entry has ``targets``
             plus any of the weight settings above; the first matching entry wins, unset settings inherit.
+        lossless: add the lossless storage stage: every saved tensor worth it (dense float weights and
+            embeddings, tied ones included, packed codes, scales, masks) is entropy-coded bit-exactly in the
+            checkpoint and decoded on load (see :mod:`hfcompress.formats.lossless`). Alone (no ``bits``, no
+            ``sparsity``) it changes nothing in the model, only the file size.
     """
 
     def __init__(
@@ -75,6 +81,7 @@ class HfCompressConfig(QuantizationConfigMixin):
         targets: list[str] | None = None,
         ignore: list[str] | None = None,
         overrides: list[dict[str, Any]] | None = None,
+        lossless: bool = False,
         quant_method: str = QUANT_METHOD,
         **unknown: Any,
     ) -> None:
@@ -97,11 +104,12 @@ class HfCompressConfig(QuantizationConfigMixin):
         self.targets = list(targets) if targets is not None else ["Linear"]
         self.ignore = None if ignore is None else list(ignore)
         self.overrides = copy.deepcopy(list(overrides)) if overrides else []
+        self.lossless = lossless
         self.post_init()
 
     _FIELDS = (
         "bits", "group_size", "symmetric", "scale_dtype", "clip", "sparsity", "sparsity_structure",
-        "method", "method_args", "targets", "ignore", "overrides",
+        "method", "method_args", "targets", "ignore", "overrides", "lossless",
     )  # fmt: skip
 
     # ------------------------------------------------------------------ validation
@@ -111,6 +119,8 @@ class HfCompressConfig(QuantizationConfigMixin):
         default = self.default_spec()
         if not isinstance(self.method_args, dict):
             raise ValueError(f"method_args={self.method_args!r} must be a dict of keyword arguments.")
+        if not isinstance(self.lossless, bool):
+            raise ValueError(f"lossless={self.lossless!r} must be True or False.")
         self.targets = _check_patterns("targets", self.targets)
         if not self.targets:
             raise ValueError("targets=[] selects nothing; use e.g. ['Linear'] or ['re:mlp'].")
@@ -134,10 +144,10 @@ class HfCompressConfig(QuantizationConfigMixin):
             _check_patterns(f"overrides[{i}].targets", override["targets"])
             specs.append((f"overrides[{i}]", self.override_spec(i)))
         for where, spec in specs:
-            if not (spec.quantized or spec.sparse):
+            if not (spec.quantized or spec.sparse or self.lossless):
                 raise ValueError(
                     f"{where} compress nothing: set bits (e.g. bits=4) and/or sparsity (e.g. sparsity=0.5 with a "
-                    "pruning method)."
+                    "pruning method), or lossless=True."
                 )
             if spec.quantized and not method.quantizes:
                 raise ValueError(f"method={self.method!r} does not quantize but {where} set bits={spec.bits}.")

@@ -21,6 +21,9 @@ from transformers.quantizers.auto import register_quantizer
 from transformers.quantizers.base import HfQuantizer
 
 from .checkpoint import read_tensor_index
+from .formats import lossless as lossless_format
+from .lossless.loader import METADATA_KEY as LOSSLESS_METADATA_KEY
+from .lossless.loader import drop_lossless_conversions, lossless_converter, lossless_state_dict
 from .config import QUANT_METHOD, HfCompressConfig
 from .modules import CompressedModule, compressed_modules, compressed_twin, set_submodule
 from .targets import resolve_layers
@@ -72,7 +75,10 @@ class HfCompressQuantizer(HfQuantizer):
         plan = resolve_layers(model, self.quantization_config)
         index = None
         if self.pre_quantized and checkpoint_files:
-            index = read_tensor_index(checkpoint_files).renamed_for(model, kwargs.get("key_mapping"))
+            index = read_tensor_index(checkpoint_files)
+            if self.quantization_config.lossless:  # coded tensors: shapes/dtypes from their payload headers
+                index = lossless_format.resolve_index(index, checkpoint_files)
+            index = index.renamed_for(model, kwargs.get("key_mapping"))
         twins = {}
         for name, spec in plan.items():
             dense = model.get_submodule(name)
@@ -113,7 +119,21 @@ class HfCompressQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
         validate_loaded(model)
+        enable_push_with_card(model)  # model.push_to_hub uploads the hfcompress model card too
+        drop_lossless_conversions(model)
         return model
+
+    # ------------------------------------------------------------------ lossless stage (storage transform)
+    def get_weight_conversions(self):
+        conversions = list(super().get_weight_conversions())
+        if self.pre_quantized and self.quantization_config.lossless:
+            conversions.append(lossless_converter())
+        return conversions
+
+    def get_state_dict_and_metadata(self, model):
+        if not self.quantization_config.lossless or getattr(model, "_hf_peft_config_loaded", False):
+            return super().get_state_dict_and_metadata(model)
+        return lossless_state_dict(model), {LOSSLESS_METADATA_KEY: "1"}
 
     # ------------------------------------------------------------------ contract
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:

@@ -89,13 +89,15 @@ def resolve_layers(model: nn.Module, config: HfCompressConfig, strict: bool = Tr
             spec = default
         if spec is None:
             continue
+        if not (spec.quantized or spec.sparse):
+            continue  # only lossless=True allows such a spec: the module stays dense (its weight is coded on save)
         if name in tied and getattr(model.config, "tie_word_embeddings", False):
             raise ValueError(
                 f"Module {name!r} shares its weight with another module (tie_word_embeddings=True); compressing it "
                 f"would untie them. Add {name!r} to ignore, or load the model with tie_word_embeddings=False."
             )
         plan[name] = spec
-    if strict and not plan:
+    if strict and not plan and not config.lossless:
         raise ValueError(
             f"The config matches no module of {type(model).__name__}: targets={config.targets}, "
             f"ignore={config.ignore if config.ignore is not None else 'default heads'}. Check the targets "

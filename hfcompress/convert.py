@@ -1,0 +1,209 @@
+"""Streaming conversion of an existing Hugging Face checkpoint into its lossless twin.
+
+:func:`convert_checkpoint` reads a safetensors checkpoint folder one tensor at a time (memory-mapped),
+entropy-codes each tensor worth it, and writes the same shards with ``<name>_lossless`` payloads, without
+building the model in transformers, so memory stays near the size of the largest tensor whatever the
+size of the checkpoint. ``config.json`` gets ``quantization_config = HfCompressConfig(lossless=True)``
+(or ``lossless=True`` added to an existing hfcompress config); every other file (tokenizer, generation
+config, sentence-transformers folders, ...) is copied. The result reloads with plain
+``AutoModel*.from_pretrained(dst)`` after ``import hfcompress`` and holds bit-identical weights.
+
+The output folder is written under a temporary name next to ``dst`` and renamed into place at the end,
+so an interrupted or failed conversion never leaves a folder that looks finished.
+
+Command line: ``python -m hfcompress.convert SRC DST [--dtype bfloat16] [--overwrite]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .checkpoint import SAFETENSORS_DTYPES, read_header
+from .config import QUANT_METHOD, HfCompressConfig
+from .formats import lossless as fmt
+from .lossless import codec
+from .lossless.loader import METADATA_KEY
+
+_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+_CAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def _shards(src: Path) -> list[str]:
+    index = src / INDEX_NAME
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return sorted(set(weight_map.values()))
+    if (src / "model.safetensors").exists():
+        return ["model.safetensors"]
+    other = sorted(p.name for p in src.glob("*.bin")) + sorted(p.name for p in src.glob("*.pt"))
+    hint = f" (found {other[:3]}: re-save it with save_pretrained(..., safe_serialization=True))" if other else ""
+    raise FileNotFoundError(f"{src} holds no safetensors checkpoint (model.safetensors or {INDEX_NAME}){hint}.")
+
+
+def _lossless_config(config: dict, dtype: str | None) -> dict:
+    config = dict(config)
+    qc = config.get("quantization_config")
+    if qc is None:
+        config["quantization_config"] = HfCompressConfig(lossless=True).to_dict()
+    elif qc.get("quant_method") == QUANT_METHOD:
+        if qc.get("lossless"):
+            raise ValueError("The checkpoint is already lossless (quantization_config.lossless=True); nothing to convert.")
+        if dtype is not None:
+            raise ValueError(
+                f"dtype={dtype!r} casts dense checkpoints only; this one is compressed by hfcompress (its scales must "
+                "keep their dtype). Leave dtype out."
+            )
+        new = HfCompressConfig.from_dict({**qc, "lossless": True})
+        config["quantization_config"] = new.to_dict()
+    else:
+        raise ValueError(
+            f"The checkpoint is quantized with quant_method={qc.get('quant_method')!r}; hfcompress can only add its "
+            "lossless stage to dense checkpoints or to its own. Convert the original dense checkpoint instead."
+        )
+    if dtype is not None:
+        config["dtype"] = dtype
+        if "torch_dtype" in config:
+            config["torch_dtype"] = dtype
+    return config
+
+
+def _write_safetensors(dst: Path, entries: list[tuple[str, str, list[int], int]], data_path: Path, metadata: dict) -> None:
+    """Write header + the data already streamed to ``data_path`` (entries: name, dtype, shape, nbytes, in order)."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, dtype, shape, nbytes in entries:
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    with open(dst, "wb") as out, open(data_path, "rb") as data:
+        out.write(struct.pack("<Q", len(raw)))
+        out.write(raw)
+        shutil.copyfileobj(data, out, 1 << 24)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _convert_shard(
+    src: Path, dst: Path, work: Path, cast: torch.dtype | None, chunk_elems: int, threads: int | None
+) -> dict[str, str]:
+    """Code one shard tensor by tensor; returns the stored names (for the index)."""
+    read_header(src)  # clear error on a truncated or corrupt input file before any work
+    entries = []
+    data_path = work / (dst.name + ".data")
+    with safe_open(str(src), framework="pt") as f, open(data_path, "wb") as data:
+        metadata = dict(f.metadata() or {})
+        for name in f.keys():
+            tensor = f.get_tensor(name)
+            if cast is not None and tensor.is_floating_point() and tensor.dtype != cast:
+                tensor = tensor.to(cast)
+            stored, value = fmt.encode_one(name, tensor, chunk_elems=chunk_elems, threads=threads)
+            value = value.contiguous()
+            nbytes = value.numel() * value.element_size()
+            if nbytes:
+                data.write(memoryview(value.view(torch.uint8).reshape(-1).numpy()))
+            entries.append((stored, _DTYPE_NAMES[value.dtype], list(value.shape), nbytes))
+            del tensor, value
+    metadata.setdefault("format", "pt")
+    metadata[METADATA_KEY] = "1"
+    _write_safetensors(dst, entries, data_path, metadata)
+    data_path.unlink()
+    return {stored: dst.name for stored, *_ in entries}
+
+
+def convert_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    dtype: str | None = None,
+    chunk_elems: int = codec.DEFAULT_CHUNK_ELEMS,
+    threads: int | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the lossless twin of the checkpoint folder ``src`` to ``dst`` and return ``dst``.
+
+    Args:
+        src: a Hugging Face model folder with ``config.json`` and safetensors weights (sharded or not), dense
+            or compressed by hfcompress.
+        dst: the folder to create (must not exist unless ``overwrite``).
+        dtype: ``"bfloat16"`` or ``"float16"`` casts floating tensors first (e.g. a float32 checkpoint to the
+            bf16 most models are served in; the cast itself is not lossless). ``None`` keeps every bit.
+        chunk_elems: elements per independently decodable chunk.
+        threads: coding threads per tensor (default: the CPUs this process may use).
+        overwrite: replace an existing ``dst``.
+    """
+    src, dst = Path(src), Path(dst)
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"src={str(src)!r} is not a Hugging Face model folder (no config.json).")
+    if dtype is not None and dtype not in _CAST_DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(_CAST_DTYPES)} or None (keep every bit).")
+    if dst.resolve() == src.resolve():
+        raise ValueError("dst must differ from src: the conversion never modifies its input.")
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"dst={str(dst)!r} exists; pass overwrite=True (or --overwrite) to replace it.")
+    shards = _shards(src)
+    config = _lossless_config(json.loads((src / "config.json").read_text()), dtype)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        work = tmp / ".work"
+        work.mkdir()
+        weight_map: dict[str, str] = {}
+        for shard in shards:
+            weight_map.update(_convert_shard(src / shard, tmp / shard, work, _CAST_DTYPES.get(dtype), chunk_elems, threads))
+        work.rmdir()
+        if (src / INDEX_NAME).exists():
+            index = json.loads((src / INDEX_NAME).read_text())
+            index["weight_map"] = dict(sorted(weight_map.items()))
+            index.setdefault("metadata", {})["total_size"] = sum(os.path.getsize(tmp / s) for s in shards)
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        skip = set(shards) | {INDEX_NAME, "config.json"}
+        for item in src.iterdir():
+            if item.name in skip:
+                continue
+            if item.is_dir():
+                shutil.copytree(item, tmp / item.name)
+            else:
+                shutil.copy2(item, tmp / item.name)
+        if dst.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+            os.replace(dst, old / dst.name)
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m hfcompress.convert", description="Write the lossless (bit-exact, entropy-coded) twin of a checkpoint."
+    )
+    parser.add_argument("src", help="Hugging Face model folder with safetensors weights")
+    parser.add_argument("dst", help="folder to create")
+    parser.add_argument("--dtype", choices=sorted(_CAST_DTYPES), help="cast floating tensors first (not lossless)")
+    parser.add_argument("--overwrite", action="store_true", help="replace dst if it exists")
+    parser.add_argument("--threads", type=int, default=None, help="coding threads (default: all CPUs)")
+    args = parser.parse_args(argv)
+    out = convert_checkpoint(args.src, args.dst, dtype=args.dtype, threads=args.threads, overwrite=args.overwrite)
+    summary = fmt.lossless_files_summary(out)
+    before = summary["decoded_bytes"] + summary["plain_bytes"]
+    after = summary["coded_bytes"] + summary["plain_bytes"]
+    print(f"{out}: {summary['coded_tensors']} tensors coded, {after / 2**20:.1f} MiB of tensors ({100 * after / max(before, 1):.2f}% of {before / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
