@@ -83,5 +83,6 @@ def available_methods() -> list[str]:
 
 from . import rtn  # noqa: E402,F401  (registers "rtn")
 from . import gptq  # noqa: E402,F401  (registers "gptq")
+from . import magnitude, wanda, sparsegpt, admm  # noqa: E402,F401  (sparsity methods)
 
 __all__ = ["STAT_KINDS", "Method", "available_methods", "get_method", "register_method"]

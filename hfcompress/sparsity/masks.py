@@ -15,6 +15,7 @@ import torch
 
 __all__ = [
     "check_sparsity",
+    "lowest_k_mask",
     "nm_mask",
     "pad_to_groups",
     "prune_count",
@@ -68,6 +69,17 @@ def split_count(total: int, sizes: list[int] | torch.Tensor) -> torch.Tensor:
     return base
 
 
+def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep-mask pruning exactly the ``k`` lowest entries of ``scores`` (any shape; ties by position)."""
+    if not 0 <= k <= scores.numel():
+        raise ValueError(f"k={k} must lie in [0, {scores.numel()}] (the number of scores).")
+    keep = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    if k:
+        s = torch.nan_to_num(scores.float(), nan=-math.inf).reshape(-1)
+        keep.view(-1)[torch.argsort(s, stable=True)[:k]] = False
+    return keep
+
+
 def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool = False) -> torch.Tensor:
     """Keep-mask pruning the lowest-scored ``round(sparsity * numel)`` entries of ``scores``.
 
@@ -82,11 +94,9 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool = Fal
     keep = torch.ones(rows, cols, dtype=torch.bool, device=scores.device)
     if k == 0:
         return keep
-    s = torch.nan_to_num(scores.float(), nan=-math.inf)
     if not per_row:
-        order = torch.argsort(s.reshape(-1), stable=True)
-        keep.view(-1)[order[:k]] = False
-        return keep
+        return lowest_k_mask(scores, k)
+    s = torch.nan_to_num(scores.float(), nan=-math.inf)
     counts = split_count(k, [cols] * rows).to(scores.device)
     order = torch.argsort(s, dim=1, stable=True)
     prune = torch.arange(cols, device=scores.device).unsqueeze(0) < counts.unsqueeze(1)
