@@ -22,6 +22,10 @@ def mark_compressed(model: nn.Module, config: HfCompressConfig) -> None:
         cfg = getattr(module, "config", None)
         if cfg is not None and hasattr(cfg, "to_dict"):
             cfg._is_quantized = True
+    if hasattr(model, "push_to_hub"):
+        from .hub import enable_push_with_card
+
+        enable_push_with_card(model)  # model.push_to_hub uploads the hfcompress model card too
 
 
 @torch.no_grad()

@@ -119,6 +119,9 @@ class HfCompressQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
         validate_loaded(model)
+        from .hub import enable_push_with_card
+
+        enable_push_with_card(model)  # model.push_to_hub uploads the hfcompress model card too
         enable_push_with_card(model)  # model.push_to_hub uploads the hfcompress model card too
         drop_lossless_conversions(model)
         return model

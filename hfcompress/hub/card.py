@@ -37,6 +37,7 @@ __all__ = [
 DEFAULT_TEMPLATE = Path(__file__).resolve().parent.parent.parent / "model_cards" / "compressed_model.md.j2"
 _PACKAGED_TEMPLATE = Path(__file__).resolve().parent / "templates" / "compressed_model.md.j2"
 
+_COMMAND = re.compile(r"<!-- hfcompress:command -->\s*```bash\n(.*?)\n```", re.S)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HF_CACHE_DIR = re.compile(r"models--([^/\\]+?)--([^/\\]+)[/\\]snapshots[/\\]")
 
@@ -218,6 +219,8 @@ def _gather(source) -> dict[str, Any]:
         if not report["compressed"]:
             raise ValueError(f"{folder} is not an hfcompress checkpoint (its config.json has no hfcompress quantization_config).")
         meta = read_card_metadata(folder)
+        readme = folder / "README.md"
+        found = _COMMAND.search(readme.read_text(encoding="utf-8")) if readme.is_file() else None
         has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
         has_processor = (folder / "preprocessor_config.json").is_file()
         from ..harness import EVAL_RESULTS_FILE
@@ -227,7 +230,7 @@ def _gather(source) -> dict[str, Any]:
             "report": report, "architecture": report["architecture"], "name": folder.resolve().name,
             "base_model": meta.get("base_model"), "license": meta.get("license"), "tags": meta.get("tags") or [],
             "eval_file": folder / EVAL_RESULTS_FILE if (folder / EVAL_RESULTS_FILE).is_file() else None,
-            "tokenizer": has_tokenizer, "processor": has_processor,
+            "tokenizer": has_tokenizer, "processor": has_processor, "command": found.group(1) if found else None,
         }  # fmt: skip
     config = getattr(getattr(source, "config", None), "quantization_config", None)
     if isinstance(config, dict):
@@ -244,7 +247,7 @@ def _gather(source) -> dict[str, Any]:
         "config": config, "report": report, "architecture": archs[0],
         "name": (Path(str(name_or_path)).name if name_or_path else type(source).__name__),
         "base_model": base_model_id(name_or_path), "license": None, "tags": [], "eval_file": None,
-        "tokenizer": False, "processor": False,
+        "tokenizer": False, "processor": False, "command": None,
     }  # fmt: skip
 
 
@@ -316,7 +319,8 @@ def card_context(
         "groups": groups, "settings": settings, "overrides": overrides,
         "auto_class": auto_class, "model_ref": repo_id or "<this repo id or folder>",
         "preprocessor_class": preprocessor[0], "preprocessor_var": preprocessor[1],
-        "evaluation": _eval_rows(results), "recipe": recipe_to_yaml(config), "command": command, "version": __version__,
+        "evaluation": _eval_rows(results), "recipe": recipe_to_yaml(config), "command": command or info["command"],
+        "version": __version__,
     }  # fmt: skip
     return metadata, ctx
 
@@ -347,7 +351,8 @@ def model_card(
         eval_results: :class:`hfcompress.harness.TaskResult` list, or a report JSON path / folder holding
             ``eval_results.json``.
         tags: extra tags.
-        command: the command that produced the checkpoint (shown under "Reproduce").
+        command: the command that produced the checkpoint (shown under "Reproduce"; a folder's card keeps
+            the one it shows).
         template: a jinja2 template to use instead of ``model_cards/compressed_model.md.j2``.
 
     Returns:

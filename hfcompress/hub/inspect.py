@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from ..checkpoint import SAFETENSORS_DTYPES, read_header, read_tensor_index
 from ..config import QUANT_METHOD, HfCompressConfig
@@ -85,13 +86,14 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return math.prod(shape) * dtype.itemsize
 
 
-def inspect_checkpoint(folder: str | os.PathLike, measure: bool = False) -> dict[str, Any]:
+def inspect_checkpoint(folder: str | os.PathLike, measure: bool = False, show_progress: bool = False) -> dict[str, Any]:
     """Per-layer format, bits, group size, sparsity and bytes of a saved (compressed or dense) checkpoint.
 
     Args:
         folder: a folder written by ``save_pretrained`` (or ``hfcompress compress``).
         measure: also decode each compressed layer (one at a time) and report ``zero_fraction``, the share of
             exact zeros in its stored weight: the realised sparsity, or codes that round to zero.
+        show_progress: a tqdm bar over the layers.
 
     Returns:
         ``{"folder", "architecture", "model_type", "quantization_config" (dict or None), "compressed",
@@ -137,7 +139,8 @@ def inspect_checkpoint(folder: str | os.PathLike, measure: bool = False) -> dict
         index = read_tensor_index([str(f) for f in files])
         renamed = index.renamed_for(model)
         original = dict(zip(renamed.tensors, index.tensors)) if len(renamed.tensors) == len(index.tensors) else {}
-        for name, spec in resolve_layers(model, qconfig).items():
+        plan = resolve_layers(model, qconfig)
+        for name, spec in tqdm(plan.items(), total=len(plan), desc="inspect", unit="layer", disable=not show_progress):
             dense = model.get_submodule(name)
             twin = compressed_twin(dense, spec)
             found = renamed.module_tensors(name, model)
