@@ -122,7 +122,6 @@ class HfCompressQuantizer(HfQuantizer):
         from .hub import enable_push_with_card
 
         enable_push_with_card(model)  # model.push_to_hub uploads the hfcompress model card too
-        enable_push_with_card(model)  # model.push_to_hub uploads the hfcompress model card too
         drop_lossless_conversions(model)
         return model
 
