@@ -7,6 +7,7 @@ checkpoints reload with plain ``from_pretrained``.
 from .algorithms import available_methods, get_method, register_method
 from .apply import compress, mark_compressed
 from .config import HfCompressConfig
+from .convert import convert_checkpoint
 from .formats import available_formats, get_format, register_format
 from .oneshot import oneshot
 from .modules import CompressedConv2d, CompressedEmbedding, CompressedLinear, CompressedModule, compressed_modules
@@ -29,6 +30,7 @@ __all__ = [
     "compress",
     "compressed_modules",
     "compression_report",
+    "convert_checkpoint",
     "get_format",
     "get_method",
     "mark_compressed",
