@@ -1,6 +1,6 @@
 """Exact bit-packing of small unsigned integer codes into bytes.
 
-Layout (the on-disk contract, see ``docs/formats.md``): a 2-D tensor of codes ``[rows, cols]`` with
+Layout (the on-disk contract, also in the README section "The packed format"): a 2-D tensor of codes ``[rows, cols]`` with
 values in ``[0, 2**bits)`` is packed row by row into ``uint8[rows, ceil(cols * bits / 8)]``. Within a
 row, code ``j`` occupies bits ``j*bits .. j*bits + bits - 1`` of the row's little-endian bit stream:
 bit ``k`` of the stream is bit ``k % 8`` of byte ``k // 8``. Trailing pad bits of the last byte are
