@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
@@ -19,12 +19,15 @@ class LayerReport:
     sparsity: float
     nbytes: int
     bits_per_weight: float
+    #: bytes of each stored tensor (``weight_values``, ``weight_bitmask``, ``weight_packed``, ``weight_scale``...)
+    tensors: dict[str, int] = field(default_factory=dict)
 
 
 def compression_report(model: nn.Module) -> dict:
     """Per-layer format, settings and bytes, plus totals (compressed layers, everything else, all).
 
-    ``bits_per_weight`` counts every stored byte of the layer (codes, scales, zero points, masks).
+    ``bits_per_weight`` counts every stored byte of the layer (codes, scales, zero points, masks);
+    ``tensors`` breaks a layer's bytes down by stored tensor.
     """
     layers = []
     compressed_param_ids = set()
@@ -43,6 +46,7 @@ def compression_report(model: nn.Module) -> dict:
                 sparsity=module.spec.effective_sparsity,
                 nbytes=nbytes,
                 bits_per_weight=8 * nbytes / numel,
+                tensors={k: t.numel() * t.element_size() for k, t in module.compressed_tensors().items()},
             )
         )
         compressed_param_ids.update(id(t) for t in module.compressed_tensors().values())

@@ -1,0 +1,195 @@
+"""Pruning methods: exact sparsity in real checkpoints, bit-identical reload, and reconstruction quality."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import hfcompress
+from hfcompress import HfCompressConfig, compressed_modules, compression_report, oneshot
+from hfcompress.algorithms.admm import admm_compress_layer
+from hfcompress.algorithms.magnitude import magnitude_compress
+from hfcompress.algorithms.sparsegpt import sparsegpt_compress_layer
+from hfcompress.algorithms.wanda import wanda_compress_layer
+from hfcompress.calibration.stats import LayerStats
+from hfcompress.models import tiny_llama
+from hfcompress.sparsity.admm import admm_update
+from hfcompress.spec import LayerSpec
+
+IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+CALIB = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def bf16_llama_dir(tmp_path):
+    model = tiny_llama().to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "dense")
+    return tmp_path / "dense"
+
+
+def _check_layers(model, spec_sparsity: float, nm: tuple[int, int] | None):
+    mods = compressed_modules(model)
+    assert mods
+    for name, module in mods.items():
+        w = module.dequantize_weight(torch.float32)
+        keep = w.reshape(module.shape2d) != 0
+        if nm is None:
+            numel = keep.numel()
+            assert int((~keep).sum()) >= round(spec_sparsity * numel), name  # quantization may zero a few more
+        else:
+            n, m = nm
+            assert bool((keep.reshape(keep.shape[0], -1, m).sum(-1) <= n).all()), name
+
+
+@pytest.mark.parametrize(
+    "cfg, fmt, nm",
+    [
+        (HfCompressConfig(method="magnitude", sparsity=0.5), "bitmask", None),
+        (HfCompressConfig(method="magnitude", sparsity_structure="2:4"), "nm", (2, 4)),
+        (HfCompressConfig(method="magnitude", sparsity=0.5, bits=4, group_size=32), "bitmask", None),
+        (HfCompressConfig(method="magnitude", sparsity_structure="4:8", bits=4, group_size=40, symmetric=False), "nm", (4, 8)),
+    ],
+    ids=["u50", "2:4", "u50_w4", "4:8_w4asym"],
+)
+def test_magnitude_on_load_save_reload_bit_identical(bf16_llama_dir, tmp_path, cfg, fmt, nm):
+    model = AutoModelForCausalLM.from_pretrained(bf16_llama_dir, quantization_config=cfg)
+    assert {m.format_name for m in compressed_modules(model).values()} == {fmt}
+    dense = AutoModelForCausalLM.from_pretrained(bf16_llama_dir)
+    if not cfg.bits:
+        for name, module in compressed_modules(model).items():  # exact count of pruned weights, values untouched
+            w = dense.get_submodule(name).weight.float()
+            got = module.dequantize_weight(torch.float32)
+            keep = got != 0
+            assert torch.equal(got[keep], w[keep])
+            if nm is None:
+                assert int((~keep).sum()) == round(0.5 * w.numel())
+            assert module.compressed_tensors()["weight_values"].dtype == torch.bfloat16
+    _check_layers(model, 0.5, nm)
+    with torch.no_grad():
+        before = model(IDS).logits
+    model.save_pretrained(tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert saved["method"] == "magnitude"
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        after = reloaded(IDS).logits
+    assert torch.equal(before, after)
+    for name, module in compressed_modules(reloaded).items():
+        ref = compressed_modules(model)[name].compressed_tensors()
+        for key, tensor in module.compressed_tensors().items():
+            assert torch.equal(tensor, ref[key]) and tensor.dtype == ref[key].dtype, (name, key)
+
+
+def test_report_counts_sparse_bytes(bf16_llama_dir):
+    model = AutoModelForCausalLM.from_pretrained(bf16_llama_dir, quantization_config=HfCompressConfig(method="magnitude", sparsity=0.5))
+    report = compression_report(model)
+    for layer in report["layers"]:
+        assert layer["format"] == "bitmask"
+        assert 9.0 <= layer["bits_per_weight"] <= 9.1
+        assert set(layer["tensors"]) == {"weight_values", "weight_bitmask", "weight_shape"}
+
+
+def _problem(rows=48, cols=96, tokens=600, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=g) / cols**0.5
+    x = torch.randn(tokens, cols, generator=g) @ (torch.eye(cols) + 2 * mix)  # correlated features
+    x[:, 5] *= 20  # an outlier feature, as LLM activations have
+    w = torch.randn(rows, cols, generator=g)
+    stats = LayerStats(hessian=2 / tokens * x.T @ x, act_sq=x.pow(2).sum(0), nsamples=tokens)
+    return w, x, stats
+
+
+def _err(w, w_hat, x):
+    return float(((w - w_hat) @ x.T).pow(2).sum())
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [LayerSpec(sparsity=0.5), LayerSpec(sparsity=0.7), LayerSpec(sparsity_structure="2:4"),
+     LayerSpec(sparsity_structure="4:8"), LayerSpec(sparsity=0.5, bits=4, group_size=32),
+     LayerSpec(sparsity_structure="2:4", bits=4, group_size=32, symmetric=False)],
+    ids=["u50", "u70", "2:4", "4:8", "u50_w4", "2:4_w4asym"],
+)  # fmt: skip
+def test_calibrated_methods_beat_magnitude_on_calibration_inputs(spec):
+    w, x, stats = _problem()
+    results = {
+        "magnitude": magnitude_compress(w.clone(), spec),
+        "wanda": wanda_compress_layer(w.clone(), stats, spec, {}),
+        "sparsegpt": sparsegpt_compress_layer(w.clone(), stats, spec, {}),
+        "sparsegpt+admm": sparsegpt_compress_layer(w.clone(), stats, spec, {"refine_iters": 20}),
+        "admm": admm_compress_layer(w.clone(), stats, spec, {}),
+    }
+    err = {k: _err(w, cw.weight, x) for k, cw in results.items()}
+    for name, cw in results.items():  # every method hits the exact sparsity/pattern
+        keep = cw.mask
+        if spec.nm:
+            assert bool((keep.reshape(keep.shape[0], -1, spec.nm[1]).sum(-1) == spec.nm[0]).all()), name
+        else:
+            assert int((~keep).sum()) == round(spec.sparsity * keep.numel()), name
+        assert bool((cw.weight[~keep] == 0).all()), name
+    assert err["sparsegpt"] <= err["magnitude"], err
+    assert err["wanda"] <= err["magnitude"], err
+    assert err["sparsegpt+admm"] <= err["sparsegpt"] * 1.001, err
+    assert err["admm"] <= err["wanda"], err
+
+
+def test_admm_update_is_optimal_on_a_fixed_mask():
+    w, x, stats = _problem(rows=6, cols=24, tokens=200)
+    keep = torch.rand(6, 24, generator=torch.Generator().manual_seed(3)) > 0.5
+    got = admm_update(w, stats.hessian, keep, iters=200, dampening=0.0)
+    exact = torch.zeros_like(w)
+    for r in range(6):  # least squares on each row's support
+        s = keep[r]
+        sol = torch.linalg.lstsq(x[:, s].double(), (x @ w[r]).double().unsqueeze(1)).solution
+        exact[r, s] = sol[:, 0].float()
+    assert _err(w, got, x) <= _err(w, exact, x) * 1.01 + 1e-6
+    assert bool((got[~keep] == 0).all())
+
+
+def test_unknown_method_args_are_clear_errors():
+    w, x, stats = _problem(rows=4, cols=16, tokens=40)
+    with pytest.raises(ValueError, match="unknown method_args \\['blocksiz'\\]"):
+        sparsegpt_compress_layer(w, stats, LayerSpec(sparsity=0.5), {"blocksiz": 64})
+    with pytest.raises(ValueError, match="must be a int"):
+        sparsegpt_compress_layer(w, stats, LayerSpec(sparsity=0.5), {"blocksize": "64"})
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        HfCompressConfig(method="wanda", sparsity=0.5),
+        HfCompressConfig(method="sparsegpt", sparsity_structure="2:4"),
+        HfCompressConfig(method="sparsegpt", sparsity=0.5, bits=4, group_size=32),
+        HfCompressConfig(method="admm", sparsity=0.5, method_args={"iters": 9}),
+    ],
+    ids=["wanda", "sparsegpt_2:4", "sparsegpt_u50_w4", "admm"],
+)
+def test_oneshot_save_reload_bit_identical(bf16_llama_dir, tmp_path, cfg):
+    model = AutoModelForCausalLM.from_pretrained(bf16_llama_dir)  # (from_pretrained keeps rotary buffers in fp32)
+    oneshot(model, cfg, CALIB, batch_size=3, show_progress=False)
+    mods = compressed_modules(model)
+    assert len(mods) == 14
+    _check_layers(model, 0.5, cfg.default_spec().nm)
+    with torch.no_grad():
+        before = model(IDS).logits
+    model.save_pretrained(tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.equal(before, reloaded(IDS).logits)
+
+
+def test_calibrated_methods_refuse_to_run_on_load(bf16_llama_dir):
+    with pytest.raises(ValueError, match="oneshot"):
+        AutoModelForCausalLM.from_pretrained(bf16_llama_dir, quantization_config=HfCompressConfig(method="sparsegpt", sparsity=0.5))
+
+
+def test_method_registry_flags():
+    for name in ("magnitude", "wanda", "sparsegpt", "admm"):
+        method = hfcompress.get_method(name)
+        assert method.prunes and method.quantizes
+    assert hfcompress.get_method("magnitude").data_free
+    assert hfcompress.get_method("wanda").needs == {"act_sq"}
+    assert hfcompress.get_method("sparsegpt").needs == {"hessian"}
