@@ -193,3 +193,26 @@ def test_method_registry_flags():
     assert hfcompress.get_method("magnitude").data_free
     assert hfcompress.get_method("wanda").needs == {"act_sq"}
     assert hfcompress.get_method("sparsegpt").needs == {"hessian"}
+
+
+def test_values_follow_model_dtype_cast_but_grids_do_not(bf16_llama_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(bf16_llama_dir, dtype=torch.float32)
+    oneshot(model, HfCompressConfig(method="sparsegpt", sparsity=0.5), CALIB, batch_size=3, show_progress=False)
+    values = {n: m.compressed_tensors()["weight_values"] for n, m in compressed_modules(model).items()}
+    assert {v.dtype for v in values.values()} == {torch.float32}  # calibrated in fp32, stored as computed
+    model.to(torch.bfloat16)  # cast before saving, as for a dense bf16 checkpoint
+    for name, module in compressed_modules(model).items():
+        got = module.compressed_tensors()["weight_values"]
+        assert got.dtype == torch.bfloat16 and torch.equal(got, values[name].to(torch.bfloat16))
+        assert module.compressed_tensors()["weight_bitmask"].dtype == torch.uint8
+    model.save_pretrained(tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # (.to() also cast rotary buffers: compare tensors)
+    for name, module in compressed_modules(reloaded).items():
+        got = module.compressed_tensors()["weight_values"]
+        assert got.dtype == torch.bfloat16 and torch.equal(got, values[name].to(torch.bfloat16))
+    quant = AutoModelForCausalLM.from_pretrained(bf16_llama_dir, quantization_config=HfCompressConfig(method="magnitude", sparsity=0.5, bits=4))
+    scales = {n: m.compressed_tensors()["weight_scale"].clone() for n, m in compressed_modules(quant).items()}
+    quant.to(torch.float32)
+    for name, module in compressed_modules(quant).items():
+        assert module.compressed_tensors()["weight_scale"].dtype == torch.float16
+        assert torch.equal(module.compressed_tensors()["weight_scale"], scales[name])

@@ -42,6 +42,9 @@ class WeightFormat(ABC):
     """One on-disk layout. Subclasses are registered with :func:`hfcompress.formats.register_format`."""
 
     name: str = ""
+    #: floating tensors that hold weight *values* (not grid parameters): like a dense weight they follow
+    #: ``model.to(dtype)``, so a model calibrated in float32 can be cast to bf16 before saving
+    value_tensors: tuple[str, ...] = ()
 
     @abstractmethod
     def encode(self, cw: CompressedWeight, spec: LayerSpec) -> dict[str, torch.Tensor]:

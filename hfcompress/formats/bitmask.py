@@ -56,6 +56,8 @@ def unpack_mask(packed: torch.Tensor, cols: int) -> torch.Tensor:
 class BitmaskFormat(WeightFormat):
     """Values (or packed integer codes) of the kept weights plus a 1-bit-per-weight keep-mask."""
 
+    value_tensors = ("weight_values",)
+
     def expected_tensors(self, shape2d: tuple[int, int], spec: LayerSpec) -> dict[str, TensorSpec]:
         rows, cols = shape2d
         out: dict[str, TensorSpec] = {"weight_bitmask": ((rows, packed_row_bytes(cols, 1)), torch.uint8)}

@@ -61,6 +61,8 @@ def _scatter_kept(values: torch.Tensor, keep: torch.Tensor, n: int, m: int, cols
 class NMFormat(WeightFormat):
     """Kept values (or their packed integer codes) of an N:M sparse weight plus per-group pattern ranks."""
 
+    value_tensors = ("weight_values",)
+
     def expected_tensors(self, shape2d: tuple[int, int], spec: LayerSpec) -> dict[str, TensorSpec]:
         rows, cols = shape2d
         n, m = _nm(spec)

@@ -123,11 +123,13 @@ class CompressedModule(nn.Module):
     # ------------------------------------------------------------------ dtype safety
     def _apply(self, fn, recurse=True):
         # `.to(dtype)`, `.half()`, ... must move compressed tensors between devices but never re-round them:
-        # apply `fn` to an integer view of each floating compressed buffer, then view it back.
+        # apply `fn` to an integer view of each floating compressed buffer, then view it back. Only the
+        # format's value tensors (kept values of sparse formats) are cast like a dense weight would be.
         views = {}
+        value_tensors = self.format.value_tensors
         for name in self._compressed_names:
             buf = self._buffers.get(name)
-            if buf is not None and buf.is_floating_point():
+            if buf is not None and buf.is_floating_point() and name not in value_tensors:
                 views[name] = buf.dtype
                 self._buffers[name] = buf.view(_INT_VIEW[buf.element_size()])
         try:
@@ -135,6 +137,10 @@ class CompressedModule(nn.Module):
         finally:
             for name, dtype in views.items():
                 self._buffers[name] = self._buffers[name].view(dtype)
+            for name in value_tensors:
+                buf = self._buffers.get(name)
+                if buf is not None and buf.is_floating_point():
+                    self.value_dtype = buf.dtype
 
     def extra_repr(self) -> str:
         s = self.spec
