@@ -21,6 +21,7 @@ on the calibration inputs. This implementation has
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Any
@@ -104,6 +105,20 @@ def _qparams_for_columns(w_cols: torch.Tensor, bits: int, symmetric: bool, scale
     return scale[:, 0], (zero[:, 0] if zero is not None else None)
 
 
+@contextlib.contextmanager
+def few_threads(n: int = 1):
+    """Run a loop of many small tensor ops on ``n`` threads: with more, thread wake-ups cost more than the
+    work (and on a loaded machine OpenMP spinning makes it many times slower)."""
+    before = torch.get_num_threads()
+    if before > n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if before > n:
+            torch.set_num_threads(before)
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -118,7 +133,6 @@ def gptq_quantize(
         raise ValueError("method='gptq' quantizes weights: set bits (2, 3, 4, 5, 6 or 8).")
     bits, gs, sym = spec.bits, spec.group_size, spec.symmetric
     sdtype = scale_torch_dtype(spec.scale_dtype)
-    maxq = (1 << bits) - 1
     w, h, _ = prepare_hessian(weight, hessian)
     rows, cols = w.shape
     g = cols if gs is None or gs >= cols else gs
@@ -126,58 +140,66 @@ def gptq_quantize(
     group_of = torch.arange(cols) // g
 
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(cols)
-    w = w[:, perm].contiguous()
     h = h[perm][:, perm]
     u = hessian_inverse_cholesky(h, damp, name)
-    gperm = group_of[perm]  # group of the column at each permuted position
+    # Work on the transpose: column j of W is the contiguous row wt[j], so per-column updates are cheap.
+    wt = w.t()[perm].contiguous()
+    gperm = group_of[perm].tolist()  # group of the column at each permuted position
     pos_of = torch.empty(cols, dtype=torch.long)
     pos_of[perm] = torch.arange(cols)
 
     scale = torch.empty(rows, ngroups, dtype=sdtype)
     zero = None if sym else torch.empty(rows, ngroups, dtype=torch.uint8)
-    ready = torch.zeros(ngroups, dtype=torch.bool)
-    codes = torch.empty(rows, cols, dtype=torch.uint8)
-    s64 = torch.empty(rows, ngroups, dtype=torch.float64)
-    z64 = torch.empty(rows, ngroups, dtype=torch.float64)
-    mid = float(1 << (bits - 1))
+    ready = [False] * ngroups
+    codes_t = torch.empty(cols, rows, dtype=torch.uint8)
 
+    with few_threads(1):
+        _gptq_loop(wt, u, gperm, pos_of, g, block_size, bits, sym, sdtype, spec.clip, scale, zero, codes_t, ready)
+    codes = codes_t[pos_of].t().contiguous()
+    return QuantizedWeight(codes=codes, scale=scale, zero=zero, bits=bits, group_size=gs)
+
+
+def _gptq_loop(wt, u, gperm, pos_of, g, block_size, bits, sym, sdtype, clip, scale, zero, codes_t, ready) -> None:
+    """The column loop of GPTQ on the transposed, permuted weight ``wt[cols, rows]`` (float64, in place)."""
+    cols, rows = wt.shape
+    maxq = (1 << bits) - 1
+    s_t = torch.empty(scale.shape[1], rows, dtype=torch.float64)
+    z_t = torch.full((scale.shape[1], rows), float(1 << (bits - 1)), dtype=torch.float64)
+    q = torch.empty(rows, dtype=torch.float64)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         count = i2 - i1
-        w1 = w[:, i1:i2]  # a view: in-block updates land in w directly
+        w1 = wt[i1:i2]  # a view: in-block updates land in wt directly
         u1 = u[i1:i2, i1:i2]
-        err1 = torch.zeros(rows, count, dtype=torch.float64)
+        err1 = torch.zeros(count, rows, dtype=torch.float64)
         for i in range(count):
             col = i1 + i
-            grp = int(gperm[col])
+            grp = gperm[col]
             if not ready[grp]:
                 # current values of every column of the group (pending lazy updates applied)
                 members = pos_of[grp * g : min((grp + 1) * g, cols)]
-                cur = w[:, members].clone()
+                cur = wt[members].clone()
                 later = members >= i2
-                if later.any() and i:
-                    cur[:, later] -= err1[:, :i] @ u[i1:col, members[later]]
-                s, z = _qparams_for_columns(cur, bits, sym, sdtype, spec.clip)
-                scale[:, grp] = s
-                s64[:, grp] = s.double()
+                if i and bool(later.any()):
+                    cur[later] -= u[i1:col, members[later]].t() @ err1[:i]
+                sc, zc = _qparams_for_columns(cur.t(), bits, sym, sdtype, clip)
+                scale[:, grp] = sc
+                s_t[grp] = sc.double()
                 if zero is not None:
-                    zero[:, grp] = z
-                    z64[:, grp] = z.double()
-                else:
-                    z64[:, grp] = mid
+                    zero[:, grp] = zc
+                    z_t[grp] = zc.double()
                 ready[grp] = True
-            x = w1[:, i]
-            s, z = s64[:, grp], z64[:, grp]
-            q = torch.clamp(torch.round(x / s) + z, 0, maxq)
-            codes[:, col] = q.to(torch.uint8)
-            e = (x - (q - z) * s) / u1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
-            err1[:, i] = e
+            x = w1[i]
+            sv, zv = s_t[grp], z_t[grp]
+            torch.round(x / sv, out=q)
+            q.add_(zv).clamp_(0, maxq)
+            codes_t[col] = q.to(torch.uint8)
+            e = err1[i]
+            torch.sub(x, (q - zv).mul_(sv), out=e)
+            e.div_(u1[i, i])
+            w1[i:].addr_(u1[i, i:], e, alpha=-1)
         if i2 < cols:
-            w[:, i2:] -= err1 @ u[i1:i2, i2:]
-
-    codes = codes[:, pos_of]
-    return QuantizedWeight(codes=codes, scale=scale, zero=zero, bits=bits, group_size=gs)
+            wt[i2:].addmm_(u[i1:i2, i2:].t(), err1, alpha=-1)
 
 
 def best_of_rtn(weight: torch.Tensor, hessian: torch.Tensor, spec: LayerSpec, q: QuantizedWeight, name: str = "") -> QuantizedWeight:

@@ -79,17 +79,30 @@ def relative_output_error(w: torch.Tensor, w_hat: torch.Tensor, stats: LayerStat
 # ---------------------------------------------------------------------- accelerate offloading
 @contextlib.contextmanager
 def onloaded(module: nn.Module) -> Iterator[None]:
-    """Keep the accelerate-offloaded weights of ``module`` on their execution device inside the block."""
+    """Keep the accelerate-offloaded weights of ``module`` on their execution device inside the block.
+
+    Each offloaded submodule is loaded once and its hook told not to offload after every forward call
+    (as it otherwise would between our calibration passes); on exit the weights go back to the offload
+    store. Compressed twins installed meanwhile have no hook and stay on the execution device.
+    """
     try:
-        from accelerate.utils import align_module_device, has_offloaded_params
+        from accelerate.utils import has_offloaded_params
     except ImportError:  # pragma: no cover - accelerate is a dependency
         yield
         return
-    with contextlib.ExitStack() as stack:
+    loaded = []
+    try:
         for sub in module.modules():
             if has_offloaded_params(sub):
-                stack.enter_context(align_module_device(sub))
+                hook = sub._hf_hook
+                hook.pre_forward(sub)
+                hook.offload = False
+                loaded.append((sub, hook))
         yield
+    finally:
+        for sub, hook in loaded:
+            hook.offload = True
+            hook.post_forward(sub, None)
 
 
 def _weight_device(module: nn.Module) -> torch.device:
