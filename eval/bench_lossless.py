@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -140,6 +141,18 @@ def folder_tensor_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
+def converter_peak_rss(src: Path, dst: Path, dtype: str | None) -> tuple[float, float]:
+    """Peak RSS (MB, VmHWM) of the streaming converter in a fresh process, and of a process that only imports it."""
+    hwm = "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])"
+    run = f"import sys; from hfcompress.convert import main; main(sys.argv[1:]); {hwm}"
+    args = [str(src), str(dst)] + (["--dtype", dtype] if dtype else [])
+    peak = subprocess.run([sys.executable, "-c", run, *args], capture_output=True, text=True, check=True).stdout.split()[-1]
+    base = subprocess.run(
+        [sys.executable, "-c", f"import hfcompress.convert; {hwm}"], capture_output=True, text=True, check=True
+    ).stdout.split()[-1]
+    return float(peak) / 1024, float(base) / 1024
+
+
 def bench_checkpoint(name: str, sd: dict[str, torch.Tensor], tmp: Path) -> None:
     src = real_model_path(name)
     bf16_file = tmp / f"{name}-bf16" / "model.safetensors"
@@ -156,6 +169,12 @@ def bench_checkpoint(name: str, sd: dict[str, torch.Tensor], tmp: Path) -> None:
     )
     print(f"  order-0 bounds: whole 16-bit values {full:.2f}%, exponent + raw sign/mantissa {expo:.2f}%")
     print(f"  streaming conversion took {seconds:.1f} s")
+    peak, base = converter_peak_rss(src, tmp / f"{name}-lossless-cli", "bfloat16" if name == "minilm" else None)
+    largest = max(t.numel() * t.element_size() for t in sd.values()) / 1e6
+    print(
+        f"  converter peak RSS {peak:.0f} MB (importing hfcompress alone: {base:.0f} MB) for a "
+        f"{sum(t.numel() * t.element_size() for t in sd.values()) / 1e6:.0f} MB checkpoint whose largest tensor is {largest:.0f} MB"
+    )
 
 
 def bench_w4(name: str, tmp: Path) -> None:
@@ -172,7 +191,13 @@ def bench_w4(name: str, tmp: Path) -> None:
         sizes[lossless] = folder_tensor_bytes(folder)
         if not lossless:
             packed = scales = packed_ll = scales_ll = 0
+            nibbles = np.zeros(16, dtype=np.int64)
+            pairs = np.zeros(256, dtype=np.int64)
             for key, t in model.state_dict().items():
+                if key.endswith(".weight_packed"):
+                    b = t.numpy().reshape(-1)
+                    pairs += np.bincount(b, minlength=256)
+                    nibbles += np.bincount(b & 15, minlength=16) + np.bincount(b >> 4, minlength=16)
                 if key.endswith((".weight_packed", ".weight_scale")):
                     stored_name, stored = encode_one(key, t)
                     before, after = t.numel() * t.element_size(), stored.numel() * stored.element_size()
@@ -181,8 +206,13 @@ def bench_w4(name: str, tmp: Path) -> None:
                     else:
                         scales, scales_ll = scales + before, scales_ll + after
         del model
+    def entropy(counts):
+        p = counts[counts > 0] / counts.sum()
+        return float(-(p * np.log2(p)).sum())
+
     print(
-        f"  W4 g64 codes: weight_packed {packed / 1e6:.2f} MB -> {packed_ll / 1e6:.2f} MB ({100 * packed_ll / packed:.1f}%), "
+        f"  W4 g64 codes: weight_packed {packed / 1e6:.2f} MB -> {packed_ll / 1e6:.2f} MB ({100 * packed_ll / packed:.1f}%; "
+        f"order-0 bounds: per code {100 * entropy(nibbles) / 4:.1f}%, per byte {100 * entropy(pairs) / 8:.1f}%), "
         f"scales {scales / 1e6:.2f} MB -> {scales_ll / 1e6:.2f} MB ({100 * scales_ll / scales:.1f}%)"
     )
     print(

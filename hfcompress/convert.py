@@ -25,8 +25,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-
 from .checkpoint import SAFETENSORS_DTYPES, read_header
 from .config import QUANT_METHOD, HfCompressConfig
 from .formats import lossless as fmt
@@ -94,24 +92,46 @@ def _write_safetensors(dst: Path, entries: list[tuple[str, str, list[int], int]]
         os.fsync(out.fileno())
 
 
+def _read_tensors(path: Path):
+    """Yield ``(name, tensor)`` of a safetensors file one at a time, each read into its own buffer.
+
+    Plain reads instead of a memory map keep the process's resident memory at one tensor, however large
+    the shard (mapped pages of a big file would all count as resident once touched).
+    """
+    header = read_header(path)  # validated: a truncated or corrupt file fails here, before any work
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        start = 8 + n
+        items = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
+        for name, info in items:
+            dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise ValueError(f"Tensor {name!r} in {path} has unsupported dtype {info['dtype']!r}.")
+            begin, end = info["data_offsets"]
+            f.seek(start + begin)
+            buf = bytearray(end - begin)
+            if f.readinto(buf) != len(buf):
+                raise ValueError(f"Checkpoint file {path} is truncated inside tensor {name!r}. Re-save or re-download it.")
+            tensor = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+            yield name, tensor.reshape(info["shape"])
+
+
 def _convert_shard(
     src: Path, dst: Path, work: Path, cast: torch.dtype | None, chunk_elems: int, threads: int | None
 ) -> dict[str, str]:
     """Code one shard tensor by tensor; returns the stored names (for the index)."""
-    read_header(src)  # clear error on a truncated or corrupt input file before any work
     entries = []
     data_path = work / (dst.name + ".data")
-    with safe_open(str(src), framework="pt") as f, open(data_path, "wb") as data:
-        metadata = dict(f.metadata() or {})
-        for name in f.keys():
-            tensor = f.get_tensor(name)
+    metadata = dict(read_header(src).get("__metadata__") or {})
+    with open(data_path, "wb") as data:
+        for name, tensor in _read_tensors(src):
             if cast is not None and tensor.is_floating_point() and tensor.dtype != cast:
                 tensor = tensor.to(cast)
             stored, value = fmt.encode_one(name, tensor, chunk_elems=chunk_elems, threads=threads)
             value = value.contiguous()
             nbytes = value.numel() * value.element_size()
             if nbytes:
-                data.write(memoryview(value.view(torch.uint8).reshape(-1).numpy()))
+                data.write(memoryview(value.reshape(-1).view(torch.uint8).numpy()))
             entries.append((stored, _DTYPE_NAMES[value.dtype], list(value.shape), nbytes))
             del tensor, value
     metadata.setdefault("format", "pt")

@@ -242,7 +242,7 @@ def read_info(payload, where: str = "payload") -> PayloadInfo:
         raise LosslessFormatError(f"{where}: lossless payload header is corrupt (checksum mismatch).")
     info = PayloadInfo(dtype, shape, layout, chunk_elems, tuple(chunks), pos + 4)
     numel = info.numel
-    if chunk_elems < 1 or n_chunks != (numel + chunk_elems - 1) // chunk_elems:
+    if not 1 <= chunk_elems <= _MAX_CHUNK_ELEMS or n_chunks != (numel + chunk_elems - 1) // chunk_elems:
         raise LosslessFormatError(f"{where}: lossless payload header is inconsistent ({n_chunks} chunks for {numel} elements).")
     if len(buf) != info.nbytes:
         what = "truncated" if len(buf) < info.nbytes else "longer than its header says"
