@@ -264,3 +264,27 @@ def test_converter_command_line(dense_dir, tmp_path, capsys):
     convert_main([str(dense_dir), str(tmp_path / "cli")])
     assert "tensors coded" in capsys.readouterr().out
     assert lossless_files_summary(tmp_path / "cli")["coded_tensors"] > 0
+
+
+def test_sharded_quantized_lossless_reload(dense_dir, tmp_path):
+    cfg = HfCompressConfig(bits=4, group_size=64, lossless=True)
+    q = AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=cfg)
+    q.save_pretrained(tmp_path / "w4ll", max_shard_size="30KB")
+    assert len(list((tmp_path / "w4ll").glob("*.safetensors"))) > 2
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "w4ll")
+    assert_same_state(reloaded, q)
+    assert torch.equal(reloaded(IDS).logits, q(IDS).logits)
+
+
+def test_state_dict_helpers_round_trip():
+    from hfcompress.formats.lossless import decode_state_dict, encode_state_dict
+
+    sd = tiny_llama().to(torch.bfloat16).state_dict()
+    coded = encode_state_dict(sd, threads=2)
+    assert any(k.endswith(LOSSLESS_SUFFIX) for k in coded) and list(decode_state_dict(coded)) == [
+        k[: -len(LOSSLESS_SUFFIX)] if k.endswith(LOSSLESS_SUFFIX) else k for k in coded
+    ]
+    back = decode_state_dict(coded)
+    assert all(torch.equal(back[k], sd[k]) for k in sd if k in back)
+    with pytest.raises(ValueError, match="reserved suffix"):
+        encode_state_dict({"x" + LOSSLESS_SUFFIX: torch.zeros(4096)})
