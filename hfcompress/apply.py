@@ -43,7 +43,9 @@ def compress(model: nn.Module, config: HfCompressConfig) -> nn.Module:
     already = [n for n, m in model.named_modules() if isinstance(m, CompressedModule)]
     if already:
         raise ValueError(f"The model is already compressed ({len(already)} modules, e.g. {already[0]!r}); reload the dense model.")
-    plan = resolve_layers(model, config)
+    from .sparsity.allocation import allocated_config
+
+    config, plan = allocated_config(model, config)  # per-layer sparsity (global/LAMP) pinned in overrides
     twins = {}
     for name, spec in plan.items():
         dense = model.get_submodule(name)

@@ -182,6 +182,10 @@ def oneshot(
     )  # fmt: skip
     device = _input_device(model)
     batches = [{k: v.to(device) for k, v in batch.items()} for batch in batches]
+    from .sparsity.allocation import allocated_config
+
+    # non-uniform per-layer sparsity (OWL needs the dense model's activations): pinned in config.overrides
+    config, plan = allocated_config(model, config, plan, batches, layer_specs)
     results = run_calibration(
         model, plan, method, config.method_args, batches, blocks=blocks, true_sequential=true_sequential,
         show_progress=show_progress,

@@ -63,6 +63,14 @@ class HfCompressQuantizer(HfQuantizer):
                 f"method={config.method!r} needs calibration data and cannot run inside from_pretrained. Load the "
                 "dense model, then call hfcompress.oneshot(model, config, dataset=...)."
             )
+        from .sparsity.allocation import allocation_pending
+
+        if not self.pre_quantized and allocation_pending(config):
+            raise ValueError(
+                f"method_args['allocation']={config.method_args['allocation']!r} sets each layer's sparsity from all "
+                "layers at once and cannot run while from_pretrained streams weights. Load the dense model, then call "
+                "hfcompress.oneshot(model, config) (no data needed for 'global'/'lamp')."
+            )
         device_map = kwargs.get("device_map")
         if not self.pre_quantized and isinstance(device_map, dict) and "disk" in device_map.values():
             raise ValueError(

@@ -1,0 +1,138 @@
+"""Sparsity benchmark on real SmolLM2-135M: perplexity, compression time, peak RSS, bytes on disk.
+
+    python eval/bench_sparsity.py                      # every config (about an hour on 2 CPU cores)
+    python eval/bench_sparsity.py --only "2:4" dense   # configs whose name contains any of the strings
+
+Protocol (the calibrated-quantization benchmark's): the bf16 checkpoint is loaded in float32, compressed
+with :func:`hfcompress.oneshot` on 128 windows of 512 tokens of the offline Wikipedia summaries (seed 0),
+cast back to bf16 (kept values are stored in bf16, as published) and saved; the saved checkpoint is
+reloaded in float32 and scored on the first 16 windows of 2048 tokens of WikiText-2 raw test. Each
+config runs in its own process so its peak RSS (load + calibration + compression) is its own.
+llm-compressor pins an older transformers; when it is importable the comparison runs, otherwise the
+script says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from hfcompress import HfCompressConfig
+
+W4 = dict(bits=4, group_size=64)
+CONFIGS: dict[str, HfCompressConfig | None] = {
+    "dense": None,
+    "magnitude 50%": HfCompressConfig(method="magnitude", sparsity=0.5),
+    "wanda 50%": HfCompressConfig(method="wanda", sparsity=0.5),
+    "sparsegpt 50%": HfCompressConfig(method="sparsegpt", sparsity=0.5),
+    "admm 50%": HfCompressConfig(method="admm", sparsity=0.5),
+    "wanda 50% OWL": HfCompressConfig(method="wanda", sparsity=0.5, method_args={"allocation": "owl"}),
+    "sparsegpt 50% OWL": HfCompressConfig(method="sparsegpt", sparsity=0.5, method_args={"allocation": "owl"}),
+    "wanda 2:4": HfCompressConfig(method="wanda", sparsity_structure="2:4"),
+    "sparsegpt 2:4": HfCompressConfig(method="sparsegpt", sparsity_structure="2:4"),
+    "admm 2:4": HfCompressConfig(method="admm", sparsity_structure="2:4"),
+    "sparsegpt 50% + W4 g64": HfCompressConfig(method="sparsegpt", sparsity=0.5, **W4),
+    "admm 50% + W4 g64": HfCompressConfig(method="admm", sparsity=0.5, **W4),
+}
+
+
+def disk_bytes(folder) -> int:
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_one(name: str, args) -> dict:
+    """Compress, save, reload and score one config (in this process)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hfcompress import compression_report, oneshot
+    from hfcompress.evaluation import perplexity, wikitext2_test_text
+    from hfcompress.models import real_model_path
+
+    torch.set_num_threads(args.threads)
+    src = real_model_path("smollm2")
+    tok = AutoTokenizer.from_pretrained(src)
+    cfg = CONFIGS[name]
+    t0 = time.time()
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    row = {"config": name}
+    if cfg is None:
+        row.update(seconds=0.0, rss_mb=peak_rss_mb(), bytes=disk_bytes(src), bits_per_weight=16.0)
+        fp32 = model
+    else:
+        oneshot(model, cfg, None, tokenizer=tok, num_samples=args.samples, seq_len=args.calib_len, seed=0, show_progress=False)
+        row["seconds"] = time.time() - t0
+        row["rss_mb"] = peak_rss_mb()
+        report = compression_report(model)
+        weights = sum(layer["nbytes"] * 8 / layer["bits_per_weight"] for layer in report["layers"])
+        row["bits_per_weight"] = 8 * report["compressed_bytes"] / weights
+        out = tempfile.mkdtemp(prefix="bench-sparsity-")
+        model.to(torch.bfloat16).save_pretrained(out)
+        row["bytes"] = disk_bytes(out)
+        del model
+        fp32 = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    row["ppl"] = perplexity(fp32, tok, wikitext2_test_text(), args.seq_len, args.windows)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", help="run the configs whose name contains any of these strings")
+    ap.add_argument("--skip", nargs="*", default=[], help="skip the configs whose name contains any of these strings")
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--calib-len", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--results", default=None, help="JSON-lines file to append each result to")
+    ap.add_argument("--run", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.run:
+        print(json.dumps(run_one(args.run, args)), flush=True)
+        return
+    names = [n for n in CONFIGS if (not args.only or any(s in n for s in args.only)) and not any(s in n for s in args.skip)]
+    if "dense" not in names:
+        names.insert(0, "dense")  # every ratio needs the dense perplexity of the same run
+    rows = []
+    passthrough = ["--windows", str(args.windows), "--seq-len", str(args.seq_len), "--samples", str(args.samples),
+                   "--calib-len", str(args.calib_len), "--threads", str(args.threads)]  # fmt: skip
+    for name in names:
+        proc = subprocess.run([sys.executable, __file__, "--run", name, *passthrough], capture_output=True, text=True)
+        if proc.returncode:
+            print(f"{name}: FAILED\n{proc.stderr[-3000:]}", flush=True)
+            continue
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.results:
+            with open(args.results, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    dense = next(r["ppl"] for r in rows if r["config"] == "dense")
+    print(f"\nSmolLM2-135M, calibration {args.samples} x {args.calib_len} tokens (Wikipedia summaries, seed 0), "
+          f"WikiText-2 {args.windows} x {args.seq_len} tokens, fp32 compute, {args.threads} threads")  # fmt: skip
+    print(f"{'config':24s} {'ppl':>8s} {'x dense':>8s} {'time s':>8s} {'peak RSS MB':>12s} {'MB on disk':>11s} {'bits/w':>7s}")
+    for r in rows:
+        print(
+            f"{r['config']:24s} {r['ppl']:8.2f} {r['ppl'] / dense:8.3f} {r['seconds']:8.1f} {r['rss_mb']:12.0f} "
+            f"{r['bytes'] / 1e6:11.1f} {r['bits_per_weight']:7.3f}"
+        )
+    if importlib.util.find_spec("llmcompressor") is None:
+        print("\nllm-compressor: not installed (it pins an older transformers); no side-by-side ratios in this run.")
+    else:  # pragma: no cover - not installable next to transformers 5
+        print("\nllm-compressor is importable but its transformers pin conflicts with hfcompress's; run it in its own venv.")
+
+
+if __name__ == "__main__":
+    main()
