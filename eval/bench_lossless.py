@@ -177,6 +177,25 @@ def bench_checkpoint(name: str, sd: dict[str, torch.Tensor], tmp: Path) -> None:
     )
 
 
+def bench_load(name: str, tmp: Path, repeats: int) -> None:
+    """``from_pretrained`` of the bf16 checkpoint against its lossless twin (decoded on load)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    auto = AutoModelForCausalLM if name == "smollm2" else AutoModel
+    plain_dir = tmp / f"{name}-bf16-model"
+    if not plain_dir.exists():
+        auto.from_pretrained(real_model_path(name), dtype=torch.bfloat16).save_pretrained(plain_dir)
+    timings = {}
+    for label, folder in (("bf16", plain_dir), ("lossless", tmp / f"{name}-lossless")):
+        best, med, cpu = timed(lambda folder=folder: auto.from_pretrained(folder), repeats)
+        timings[label] = (best, med, cpu)
+    (pb, pm, pc), (lb, lm, lc) = timings["bf16"], timings["lossless"]
+    print(
+        f"  from_pretrained wall best/median: bf16 {pb:.2f}/{pm:.2f} s, lossless {lb:.2f}/{lm:.2f} s "
+        f"(CPU seconds {pc:.2f} vs {lc:.2f}; the difference is decoding)"
+    )
+
+
 def bench_w4(name: str, tmp: Path) -> None:
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -237,6 +256,7 @@ def main(argv: list[str] | None = None) -> None:
             sd = load_bf16(name)
             bench_checkpoint(name, sd, tmp)
             bench_decode(sd, args.repeats)
+            bench_load(name, tmp, args.repeats)
             if not args.skip_w4:
                 bench_w4(name, tmp)
             print(f"  load average now {os.getloadavg()}")
