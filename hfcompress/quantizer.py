@@ -84,8 +84,8 @@ class HfCompressQuantizer(HfQuantizer):
         index = None
         if self.pre_quantized and checkpoint_files:
             index = read_tensor_index(checkpoint_files)
-            if self.quantization_config.lossless:  # coded tensors: shapes/dtypes from their payload headers
-                index = lossless_format.resolve_index(index, checkpoint_files)
+            # lossless payloads: shapes/dtypes from their headers (and an error if the config does not declare them)
+            index = lossless_format.resolve_index(index, checkpoint_files, self.quantization_config.lossless)
             index = index.renamed_for(model, kwargs.get("key_mapping"))
         twins = {}
         for name, spec in plan.items():

@@ -288,3 +288,13 @@ def test_state_dict_helpers_round_trip():
     assert all(torch.equal(back[k], sd[k]) for k in sd if k in back)
     with pytest.raises(ValueError, match="reserved suffix"):
         encode_state_dict({"x" + LOSSLESS_SUFFIX: torch.zeros(4096)})
+
+
+def test_payloads_without_lossless_in_config_are_refused(damaged_dir):
+    path = damaged_dir / "config.json"
+    config = json.loads(path.read_text())
+    config["quantization_config"]["bits"] = 4
+    config["quantization_config"]["lossless"] = False
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="lossless payloads .* lossless=False"):
+        AutoModelForCausalLM.from_pretrained(damaged_dir)

@@ -124,8 +124,20 @@ def peek_payload(path: str | os.PathLike, name: str, info: dict, data_start: int
     return shape, dtype
 
 
-def resolve_index(index: TensorIndex, files: Iterable[str] | None) -> TensorIndex:
-    """Replace the entries of coded tensors in ``index`` by the shape and dtype they decode to."""
+def resolve_index(index: TensorIndex, files: Iterable[str] | None, lossless: bool = True) -> TensorIndex:
+    """Replace the entries of coded tensors in ``index`` by the shape and dtype they decode to.
+
+    With ``lossless=False`` (the config does not declare the stage) coded tensors are an error: loading
+    would skip them and leave freshly initialised weights in their place.
+    """
+    coded = [k for k in index.tensors if original_key(k) is not None]
+    if coded and not lossless:
+        raise ValueError(
+            f"The checkpoint stores lossless payloads (e.g. {coded[0]!r}) but its quantization_config has "
+            "lossless=False; set \"lossless\": true in config.json (it was written by hfcompress with lossless=True)."
+        )
+    if not coded:
+        return index
     for path in files or []:
         path = os.fspath(path)
         if not path.endswith(".safetensors"):
