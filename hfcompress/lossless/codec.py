@@ -92,6 +92,7 @@ class PayloadInfo:
 # ---------------------------------------------------------------------------------------------- threads
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
+_THREAD_PREFIX = "hfcompress-lossless"
 
 
 def default_threads() -> int:
@@ -112,13 +113,14 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     global _POOL
     with _POOL_LOCK:
         if _POOL is None or _POOL._max_workers < threads:
-            _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="hfcompress-lossless")
+            _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=_THREAD_PREFIX)
         return _POOL
 
 
 def _run(fn, items: list, threads: int | None) -> list:
     threads = default_threads() if threads is None else threads
-    if threads <= 1 or len(items) <= 1:
+    # Inline when asked, when there is nothing to share, or from one of our own workers (no nested waits).
+    if threads <= 1 or len(items) <= 1 or threading.current_thread().name.startswith(_THREAD_PREFIX):
         return [fn(i) for i in items]
     return list(_pool(threads).map(fn, items))
 
