@@ -208,3 +208,29 @@ def test_header_fields_are_documented_offsets(payload_and_tensor):
     magic, version, dtype_code, layout, ndim = struct.unpack_from("<4sBBBB", raw)
     assert (magic, version, dtype_code, layout, ndim) == (b"HFCL", 1, planes.DTYPE_CODES[torch.bfloat16], 1, 2)
     assert struct.unpack_from("<2Q", raw, 8) == tuple(t.shape)
+
+
+def test_decoder_fault_is_caught_by_the_decoded_checksum(payload_and_tensor, monkeypatch):
+    payload, _ = payload_and_tensor
+    real_merge = planes.merge
+
+    def faulty_merge(parts, dtype, out):
+        real_merge(parts, dtype, out)
+        out[len(out) // 2] ^= 1  # one wrong bit, as a decoder bug would produce
+
+    monkeypatch.setattr(planes, "merge", faulty_merge)
+    with pytest.raises(LosslessFormatError, match="checksum \\(decoded bytes\\)"):
+        decode_tensor(payload)
+
+
+def test_damage_the_inflater_tolerates_still_raises():
+    # A bit of the (unused) distance-code lengths of a Huffman-only DEFLATE header: ISA-L decodes the exact
+    # same bytes, zlib refuses the stream; the stored-bytes checksum reports the damage either way.
+    g = torch.Generator().manual_seed(3)
+    t = (torch.randn((64, 96), generator=g) * 0.02).to(torch.bfloat16)
+    t.view(-1)[:3] = torch.tensor([float("nan"), -0.0, float("inf")], dtype=torch.bfloat16)
+    payload = encode_tensor(t, chunk_elems=1000)
+    bad = payload.clone()
+    bad[read_info(payload).header_bytes + 18] ^= 1
+    with pytest.raises(LosslessFormatError, match="chunk 0 .*checksum \\(stored bytes\\)"):
+        decode_tensor(bad)

@@ -17,12 +17,15 @@ bytes       field                  content
 1           n_planes               1 (bytes) or 2 (float)
 per chunk   records                per plane: method u8 (0 raw, 1 DEFLATE) and stored size u32;
                                    then the CRC-32 of the chunk's original element bytes (u32)
+                                   and the CRC-32 of the chunk's stored bytes, all planes (u32)
 4           header CRC-32          of every header byte before it
 ...         data                   chunk by chunk, plane by plane, the stored bytes
 ==========  =====================  ==========================================================
 
 Every chunk decodes on its own (so chunks decode in parallel threads, and a reader can decode part of a
-tensor), and every decoded chunk is checked against its CRC-32: a damaged or truncated payload raises
+tensor). A chunk's stored bytes are checked against their CRC-32 before decoding (any damage to the file
+raises, even where the decoder would not notice), and the decoded bytes against the original's CRC-32
+after (a decoder fault cannot go unnoticed either): a damaged or truncated payload raises
 :class:`LosslessFormatError` and never yields wrong values.
 """
 
@@ -56,7 +59,8 @@ class LosslessFormatError(ValueError):
 class ChunkRecord:
     methods: tuple[int, ...]
     sizes: tuple[int, ...]
-    crc: int
+    crc: int  # of the decoded element bytes
+    stored_crc: int  # of the stored bytes of all planes, in order
 
 
 @dataclass(frozen=True)
@@ -151,20 +155,20 @@ def encode_tensor(tensor: torch.Tensor, chunk_elems: int = DEFAULT_CHUNK_ELEMS, 
     def encode_chunk(start: int):
         part = x[start : start + chunk_elems]
         coded = [coder.encode_plane(p) for p in planes.split(part, dtype)]
-        return coded, coder.crc32(part)
+        return coded, coder.crc32(part), coder.crc32(b"".join(data for _, data in coded))
 
     results = _run(encode_chunk, starts, threads)
     widths = planes.plane_widths(dtype)
     head = bytearray(_FIXED.pack(MAGIC, VERSION, planes.DTYPE_CODES[dtype], planes.layout_of(dtype), tensor.dim()))
     head += struct.pack(f"<{tensor.dim()}Q", *tensor.shape)
     head += struct.pack("<QIB", chunk_elems, len(starts), len(widths))
-    for coded, crc in results:
+    for coded, crc, stored_crc in results:
         for method, data in coded:
             head += struct.pack("<BI", method, len(data))
-        head += struct.pack("<I", crc)
+        head += struct.pack("<II", crc, stored_crc)
     head += struct.pack("<I", coder.crc32(bytes(head)))
     out = bytearray(head)
-    for coded, _ in results:
+    for coded, _, _ in results:
         for _, data in coded:
             out += data
     return torch.frombuffer(out, dtype=torch.uint8) if out else torch.empty(0, dtype=torch.uint8)
@@ -229,14 +233,15 @@ def read_info(payload, where: str = "payload") -> PayloadInfo:
         n_widths = len(planes.plane_widths(dtype))
         if n_planes != n_widths:
             raise LosslessFormatError(f"{where}: lossless payload has {n_planes} planes, {dtype} needs {n_widths}.")
-        rec = struct.Struct("<" + "BI" * n_planes + "I")
+        rec = struct.Struct("<" + "BI" * n_planes + "II")
         if len(buf) < pos + n_chunks * rec.size + 4:
             raise struct.error("header runs past the end")
         chunks = []
         for _ in range(n_chunks):
             vals = rec.unpack_from(buf, pos)
             pos += rec.size
-            chunks.append(ChunkRecord(tuple(vals[0:-1:2]), tuple(vals[1:-1:2]), vals[-1]))
+            fields = vals[:-2]
+            chunks.append(ChunkRecord(tuple(fields[0::2]), tuple(fields[1::2]), vals[-2], vals[-1]))
         (crc,) = struct.unpack_from("<I", buf, pos)
     except struct.error:
         raise LosslessFormatError(f"{where}: lossless payload is truncated inside its header.") from None
@@ -280,6 +285,14 @@ def decode_tensor(payload, threads: int | None = None, where: str = "payload") -
 
     def decode_chunk(job) -> None:
         i, start, count, rec, spans = job
+        stored_crc = 0
+        for span in spans:
+            stored_crc = coder.crc32(span, stored_crc)
+        if stored_crc != rec.stored_crc:
+            raise LosslessFormatError(
+                f"{where}: chunk {i} of the lossless payload fails its checksum (stored bytes); the checkpoint file "
+                "is damaged. Re-download or re-convert it."
+            )
         try:
             parts = [coder.decode_plane(m, s, count * pw) for m, s, pw in zip(rec.methods, spans, widths)]
         except coder.PlaneDecodeError as exc:
@@ -288,8 +301,8 @@ def decode_tensor(payload, threads: int | None = None, where: str = "payload") -
         planes.merge(parts, dtype, dst)
         if coder.crc32(dst) != rec.crc:
             raise LosslessFormatError(
-                f"{where}: chunk {i} of the lossless payload fails its checksum; the checkpoint file is damaged. "
-                "Re-download or re-convert it."
+                f"{where}: chunk {i} of the lossless payload fails its checksum (decoded bytes); the data or the "
+                "decoder is faulty. Re-download or re-convert it, and report it if it persists."
             )
 
     _run(decode_chunk, jobs, threads)

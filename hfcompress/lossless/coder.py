@@ -83,8 +83,8 @@ def decode_plane(method: int, stored: memoryview, n: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8)
 
 
-def crc32(data) -> int:
-    """CRC-32 (the zlib polynomial) of a buffer; ISA-L's vectorised version when available."""
+def crc32(data, value: int = 0) -> int:
+    """CRC-32 (the zlib polynomial) of a buffer, continuing from ``value``; ISA-L's vectorised version when available."""
     if _isal_zlib is not None:
-        return _isal_zlib.crc32(data) & 0xFFFFFFFF
-    return zlib.crc32(data) & 0xFFFFFFFF
+        return _isal_zlib.crc32(data, value) & 0xFFFFFFFF
+    return zlib.crc32(data, value) & 0xFFFFFFFF
