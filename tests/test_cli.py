@@ -228,8 +228,10 @@ def test_push(local_hub, int4, tmp_path, capsys):
     payload = json.loads(stdout)
     assert payload["commit_url"].startswith(local_hub.url) and payload["pr_url"] is None
     local = snapshot_download("tester/cli-int4", cache_dir=tmp_path / "cache")
-    for name in ("model.safetensors", "README.md", "tokenizer.json", "recipe.yaml"):
+    for name in ("model.safetensors", "tokenizer.json", "recipe.yaml"):
         assert (int4 / name).read_bytes() == open(os.path.join(local, name), "rb").read()
+    card = ModelCard.load("tester/cli-int4")
+    assert card.data.base_model == "me/tiny-dense" and 'from_pretrained("tester/cli-int4")' in card.text
     code, _, err = run(capsys, "push", int4, "tester/denied", "--token", "hf_wrong", "-q")
     assert code == 1 and "refused" in err
 

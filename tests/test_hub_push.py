@@ -72,11 +72,14 @@ def test_folder_push_download_is_byte_identical(local_hub, folder, tmp_path):
     commit = push_to_hub(folder, "tester/folder-int4", private=True)
     assert commit.commit_url.startswith(local_hub.url)
     local = snapshot_download("tester/folder-int4", cache_dir=tmp_path / "cache")
-    for name in ("model.safetensors", "config.json", "README.md", "recipe.yaml"):
+    for name in ("model.safetensors", "config.json", "recipe.yaml"):
         assert (folder / name).read_bytes() == open(f"{local}/{name}", "rb").read(), name
+    # The folder's hfcompress card is re-rendered for the repo; the folder itself is left as it was.
     card = ModelCard.load("tester/folder-int4")
     assert card.data.base_model == BASE and card.data.base_model_relation == "quantized"
     assert card.data.license == "apache-2.0"
+    assert 'from_pretrained("tester/folder-int4")' in card.text
+    assert 'from_pretrained("<this repo id or folder>")' in (folder / "README.md").read_text()
     info = HfApi().model_info("tester/folder-int4")
     assert info.private and info.card_data.base_model == BASE
 
@@ -96,6 +99,15 @@ def test_push_renders_card_when_asked_without_touching_the_folder(local_hub, fol
 
     push_to_hub(folder, "tester/no-card", card=False)
     assert "README.md" not in local_hub.files("tester/no-card")
+
+
+def test_hand_written_readme_is_uploaded_untouched(local_hub, folder):
+    (folder / "README.md").write_text("---\nlicense: mit\n---\n# My notes\n")
+    push_to_hub(folder, "tester/hand-written")
+    assert local_hub.files("tester/hand-written")["README.md"].data == (folder / "README.md").read_bytes()
+    push_to_hub(folder, "tester/re-rendered", card=True)
+    card = ModelCard(local_hub.files("tester/re-rendered")["README.md"].data.decode())
+    assert card.data.license == "mit" and "hfcompress" in card.data.tags
 
 
 def test_push_to_branch_and_pull_request(local_hub, folder):

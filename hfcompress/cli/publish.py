@@ -12,8 +12,9 @@ PUSH_HELP = "upload a compressed folder (weights, config, tokenizer, card) to th
 PUSH_DESCRIPTION = """\
 Upload FOLDER (written by `hfcompress compress`) to the Hub repo REPO_ID, creating the repo if needed.
 FOLDER is validated first (config, safetensors headers, compressed tensors), so a damaged checkpoint is
-never uploaded. The folder's README.md is uploaded as its model card; it is rendered when missing, when
---render-card is given, or when card contents (--base-model, --license) are passed. The token comes from
+never uploaded. A card rendered by hfcompress is re-rendered for REPO_ID (load snippet, model-index
+name; base model, license, evaluation and command are kept); a README.md written by hand is uploaded
+as is unless --render-card; a missing one is rendered. The folder itself is not modified. The token comes from
 --token, HF_TOKEN or `hf auth login`; the Hub from --endpoint or HF_ENDPOINT.
 
 example:
@@ -40,7 +41,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--token", help="Hub token (default: HF_TOKEN or the saved login)")
     p.add_argument("--endpoint", help="Hub URL (default: HF_ENDPOINT or https://huggingface.co)")
     card = p.add_mutually_exclusive_group()
-    card.add_argument("--render-card", action="store_true", help="render a fresh card instead of uploading the folder's README.md")
+    card.add_argument("--render-card", action="store_true", help="render a fresh card even when FOLDER has a hand-written README.md")
     card.add_argument("--no-card", action="store_true", help="upload without README.md")
     p.add_argument("--base-model", help="Hub id of the dense model, for the card")
     p.add_argument("--license", help="license of the base model, for the card")

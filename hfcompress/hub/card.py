@@ -26,6 +26,7 @@ from .inspect import inspect_checkpoint, layer_groups
 
 __all__ = [
     "DEFAULT_TEMPLATE",
+    "GENERATED_MARKER",
     "base_model_id",
     "card_context",
     "model_card",
@@ -37,6 +38,8 @@ __all__ = [
 DEFAULT_TEMPLATE = Path(__file__).resolve().parent.parent.parent / "model_cards" / "compressed_model.md.j2"
 _PACKAGED_TEMPLATE = Path(__file__).resolve().parent / "templates" / "compressed_model.md.j2"
 
+#: marker the built-in template puts in the cards it renders (push re-renders those with the repo id)
+GENERATED_MARKER = "<!-- hfcompress:card"
 _COMMAND = re.compile(r"<!-- hfcompress:command -->\s*```bash\n(.*?)\n```", re.S)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HF_CACHE_DIR = re.compile(r"models--([^/\\]+?)--([^/\\]+)[/\\]snapshots[/\\]")

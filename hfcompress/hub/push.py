@@ -181,8 +181,9 @@ def push_to_hub(
         repo_id: ``"namespace/name"``; the repo is created if needed.
         token, private, revision, create_pr, commit_message, commit_description: as ``huggingface_hub``'s.
         tokenizer: saved alongside when ``source`` is a model.
-        card: ``None``: a folder's own README.md is kept (rendered if missing), a model's card is rendered;
-            ``True``: render a fresh card; ``False``: upload no card; a ``ModelCard``: upload that card.
+        card: ``None``: a folder's card rendered by hfcompress is re-rendered for ``repo_id`` (keeping its base
+            model, license, evaluation and command), a README written by hand is kept, a missing one is
+            rendered; ``True``: always render; ``False``: upload no card; a ``ModelCard``: upload that card.
         endpoint: Hub URL (default: ``HF_ENDPOINT`` or huggingface.co).
         base_model, license, eval_results, tags: card contents (see :func:`hfcompress.hub.model_card`).
 
@@ -191,7 +192,7 @@ def push_to_hub(
     """
     from huggingface_hub import HfApi, ModelCard
 
-    from .card import model_card
+    from .card import GENERATED_MARKER, model_card
     from .inspect import inspect_checkpoint
 
     if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
@@ -207,9 +208,13 @@ def push_to_hub(
                 raise ValueError(f"{folder} is not an hfcompress checkpoint (no hfcompress quantization_config in config.json).")
             if tokenizer is not None:
                 raise ValueError("tokenizer= is for pushing a model; a folder is uploaded with the files it holds.")
+            readme = folder / "README.md"
+            generated = readme.is_file() and GENERATED_MARKER in readme.read_text(encoding="utf-8")
             if isinstance(card, ModelCard):
                 text = str(card)
-            elif card is True or (card is None and (card_args.keys() - {"repo_id"} or not (folder / "README.md").is_file())):
+            elif card is True or (card is None and (generated or card_args.keys() - {"repo_id"} or not readme.is_file())):
+                # hfcompress's own card is re-rendered for this repo (load snippet, model-index name);
+                # a README the user wrote is uploaded untouched.
                 text = str(model_card(folder, model_name=repo_id.split("/")[1], **card_args))
             else:
                 text = None
