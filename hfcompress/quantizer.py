@@ -9,6 +9,10 @@ Two paths through ``from_pretrained``:
 * **reload** (a checkpoint saved by hfcompress): the twins are built from the config and the
   checkpoint's safetensors headers (validated: missing, truncated or misshapen tensors raise a clear
   error before anything is loaded), and the loader fills their buffers as ordinary tensors.
+
+With ``lossless=True`` both paths add a storage stage (:mod:`hfcompress.formats.lossless`): saving codes
+every tensor worth it as ``<name>_lossless``, and loading decodes those payloads back to the exact tensors
+through a loader converter, before they reach the model.
 """
 
 from __future__ import annotations
