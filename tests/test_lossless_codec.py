@@ -65,7 +65,7 @@ def float_tensors(draw):
     return t
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(t=float_tensors(), chunk=st.sampled_from([1, 7, 64, 1000, 1 << 18]), threads=st.sampled_from([1, 2]))
 def test_float_round_trip_is_bit_exact(t, chunk, threads):
     payload = encode_tensor(t, chunk_elems=chunk, threads=threads)
@@ -75,7 +75,7 @@ def test_float_round_trip_is_bit_exact(t, chunk, threads):
     assert info.dtype == t.dtype and info.shape == tuple(t.shape) and info.nbytes == payload.numel()
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(
     dtype=st.sampled_from(BYTES),
     n=st.integers(0, 5000),
@@ -150,7 +150,7 @@ def payload_and_tensor():
     return encode_tensor(t, chunk_elems=1000), t
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(data=st.data())
 def test_any_flipped_byte_raises(payload_and_tensor, data):
     payload, _ = payload_and_tensor
@@ -162,7 +162,7 @@ def test_any_flipped_byte_raises(payload_and_tensor, data):
         decode_tensor(bad)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(data=st.data())
 def test_any_truncation_or_extension_raises(payload_and_tensor, data):
     payload, _ = payload_and_tensor
