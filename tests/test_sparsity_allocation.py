@@ -57,6 +57,7 @@ def test_global_and_lamp_hit_the_target_exactly_and_differ_per_layer(kind, tmp_p
     assert _pruned_counts(reloaded) == counts
 
 
+@pytest.mark.slow
 def test_owl_through_oneshot_keeps_target_and_bounds(tmp_path):
     model = tiny_llama()
     cfg = HfCompressConfig(method="wanda", sparsity=0.5, method_args={"allocation": "owl", "owl_lambda": 0.1})

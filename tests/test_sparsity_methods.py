@@ -157,6 +157,7 @@ def test_unknown_method_args_are_clear_errors():
         sparsegpt_compress_layer(w, stats, LayerSpec(sparsity=0.5), {"blocksize": "64"})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "cfg",
     [
@@ -195,6 +196,7 @@ def test_method_registry_flags():
     assert hfcompress.get_method("sparsegpt").needs == {"hessian"}
 
 
+@pytest.mark.slow
 def test_values_follow_model_dtype_cast_but_grids_do_not(bf16_llama_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(bf16_llama_dir, dtype=torch.float32)
     oneshot(model, HfCompressConfig(method="sparsegpt", sparsity=0.5), CALIB, batch_size=3, show_progress=False)
@@ -216,3 +218,44 @@ def test_values_follow_model_dtype_cast_but_grids_do_not(bf16_llama_dir, tmp_pat
     for name, module in compressed_modules(quant).items():
         assert module.compressed_tensors()["weight_scale"].dtype == torch.float16
         assert torch.equal(module.compressed_tensors()["weight_scale"], scales[name])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cfg, limit", [
+    (HfCompressConfig(method="magnitude", sparsity=0.5), 9.1),
+    (HfCompressConfig(method="magnitude", sparsity_structure="2:4"), 9.1),
+    (HfCompressConfig(method="magnitude", sparsity=0.5, bits=4, group_size=64), 3.3),
+], ids=["u50", "2:4", "u50_w4g64"])  # fmt: skip
+def test_real_smollm2_bits_per_weight_and_reload(smollm2_path, tmp_path, cfg, limit):
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path, quantization_config=cfg)
+    report = compression_report(model)
+    assert len(report["layers"]) == 30 * 7
+    assert max(layer["bits_per_weight"] for layer in report["layers"]) <= limit
+    ids = torch.arange(5, 69).unsqueeze(0)
+    with torch.no_grad():
+        before = model(ids).logits
+    model.save_pretrained(tmp_path / "out")
+    size = sum(f.stat().st_size for f in (tmp_path / "out").glob("*.safetensors"))
+    dense_linear = sum(8 * layer["nbytes"] / layer["bits_per_weight"] for layer in report["layers"]) * 2
+    assert size < report["other_bytes"] + dense_linear * limit / 16 + 1e6
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.equal(before, reloaded(ids).logits)
+
+
+@pytest.mark.parametrize("cfg", [
+    HfCompressConfig(method="magnitude", sparsity=0.5, lossless=True),
+    HfCompressConfig(method="magnitude", sparsity_structure="2:4", bits=4, group_size=32, lossless=True),
+], ids=["bitmask_bf16", "nm_w4"])  # fmt: skip
+def test_sparse_formats_compose_with_lossless_stage(bf16_llama_dir, tmp_path, cfg):
+    model = AutoModelForCausalLM.from_pretrained(bf16_llama_dir, quantization_config=cfg)
+    with torch.no_grad():
+        before = model(IDS).logits
+    model.save_pretrained(tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        assert torch.equal(before, reloaded(IDS).logits)
+    for name, module in compressed_modules(reloaded).items():
+        ref = compressed_modules(model)[name].compressed_tensors()
+        for key, tensor in module.compressed_tensors().items():
+            assert torch.equal(tensor, ref[key]), (name, key)
