@@ -131,6 +131,8 @@ def _license_of(folder: Path) -> str | None:
 
 def _reproduce_command(args, config, model_ref: str, out: Path) -> str:
     parts = ["hfcompress", "compress", model_ref, "--recipe", "recipe.yaml", "-o", out.name]
+    if model_ref == args.base_model or "/" in model_ref:
+        parts.append("--allow-download")  # the reference is a Hub id
     if not config.is_data_free:
         dataset = args.dataset or None
         if dataset:
