@@ -93,3 +93,18 @@ def test_layer_groups_aggregate_and_flag_mixed_settings():
     assert up["count"] == 2 and up["bits"] == "mixed" and up["group_size"] == 16
     assert up["params"] == 256 and up["nbytes"] == 200 and up["bits_per_weight"] == pytest.approx(6.25)
     assert groups["lm_head"]["count"] == 1 and groups["lm_head"]["group_size"] is None
+
+
+def test_lossless_checkpoint_reports_stored_and_decoded_bytes(saved, tmp_path):
+    model, folder = saved
+    coded = compress(tiny_llama(), HfCompressConfig(**CONFIG, lossless=True))
+    coded.save_pretrained(tmp_path / "coded")
+    plain, report = inspect_checkpoint(folder, measure=True), inspect_checkpoint(tmp_path / "coded", measure=True)
+    assert report["lossless"] and not plain["lossless"]
+    on_disk = sum(t.numel() * t.element_size() for t in load_file(tmp_path / "coded" / "model.safetensors").values())
+    assert report["total_bytes"] == on_disk < plain["total_bytes"]
+    assert report["bf16_bytes"] == plain["bf16_bytes"]
+    for a, b in zip(report["layers"], plain["layers"]):
+        assert a["name"] == b["name"] and a["memory_nbytes"] == b["nbytes"] == b["memory_nbytes"]
+        assert a["nbytes"] <= a["memory_nbytes"] and a["zero_fraction"] == b["zero_fraction"]
+    assert sum(a["nbytes"] for a in report["layers"]) < plain["compressed_bytes"]

@@ -99,8 +99,10 @@ def inspect_checkpoint(folder: str | os.PathLike, measure: bool = False, show_pr
         ``{"folder", "architecture", "model_type", "quantization_config" (dict or None), "compressed",
         "layers": [...], "compressed_bytes", "other_bytes", "total_bytes", "compressed_params",
         "bf16_bytes"}``; each layer has ``name, format, shape, bits, group_size, sparsity, nbytes,
-        bits_per_weight`` (and ``zero_fraction`` when measured). ``bf16_bytes`` is the size of the same
-        checkpoint with the compressed layers stored densely in bfloat16.
+        bits_per_weight`` (bytes as stored in the files, i.e. after the lossless stage when the checkpoint
+        uses it), ``memory_nbytes`` (decoded, as held in memory) and ``zero_fraction`` when measured.
+        ``bf16_bytes`` is the size of the same model with every floating tensor, compressed layers
+        included, stored densely in bfloat16; ``lossless`` tells whether the files hold coded tensors.
 
     Raises:
         FileNotFoundError: no config.json or no safetensors weights.
@@ -112,31 +114,35 @@ def inspect_checkpoint(folder: str | os.PathLike, measure: bool = False, show_pr
     folder = Path(folder)
     model_config = load_saved_config(folder)
     files = checkpoint_files(folder)
+    from ..formats import lossless as lossless_format
+
     file_of: dict[str, Path] = {}
-    sizes: dict[str, tuple[int, int]] = {}  # name -> (bytes, bytes if stored in bfloat16)
+    stored_bytes: dict[str, int] = {}  # stored name -> bytes in the file
     for path in files:
         for name, info in read_header(path).items():
             if name == "__metadata__":
                 continue
             file_of[name] = path
-            dtype = SAFETENSORS_DTYPES.get(info["dtype"], torch.uint8)
-            nbytes = _nbytes(tuple(info["shape"]), dtype)
-            sizes[name] = (nbytes, 2 * math.prod(info["shape"]) if dtype.is_floating_point else nbytes)
-    total = sum(n for n, _ in sizes.values())
+            stored_bytes[name] = _nbytes(tuple(info["shape"]), SAFETENSORS_DTYPES.get(info["dtype"], torch.uint8))
+    total = sum(stored_bytes.values())
     qconfig = _hfcompress_config(model_config)
+    # Tensor names as the model sees them (lossless payloads resolved to the shape/dtype they decode to).
+    stored_of = {lossless_format.original_key(k) or k: k for k in stored_bytes}
+    index = read_tensor_index([str(f) for f in files])
+    index = lossless_format.resolve_index(index, [str(f) for f in files], bool(getattr(qconfig, "lossless", False)))
     report: dict[str, Any] = {
         "folder": str(folder),
         "architecture": (getattr(model_config, "architectures", None) or [None])[0],
         "model_type": getattr(model_config, "model_type", None),
         "quantization_config": qconfig.to_dict() if qconfig is not None else None,
         "compressed": qconfig is not None,
+        "lossless": any(k != v for k, v in stored_of.items()),
         "layers": [],
     }
     layers = []
-    stored_keys: set[str] = set()
+    in_layers: set[str] = set()  # model-side names of the compressed layers' tensors
     if qconfig is not None:
         model = _skeleton(model_config)
-        index = read_tensor_index([str(f) for f in files])
         renamed = index.renamed_for(model)
         original = dict(zip(renamed.tensors, index.tensors)) if len(renamed.tensors) == len(index.tensors) else {}
         plan = resolve_layers(model, qconfig)
@@ -151,20 +157,25 @@ def inspect_checkpoint(folder: str | os.PathLike, measure: bool = False, show_pr
                 )
             twin.init_empty(found, where=name)
             set_submodule(model, name, twin)
-            stored_keys.update(_stored_names(name, found, model, original))
+            keys = _stored_names(name, found, model, original)
+            in_layers.update(keys)
             numel = math.prod(twin.dense_shape)
-            nbytes = twin.compressed_nbytes()
+            nbytes = sum(stored_bytes[stored_of[k]] for k in keys if k in stored_of)
             layer = {
                 "name": name, "format": twin.format_name, "shape": list(twin.dense_shape), "bits": spec.bits,
                 "group_size": spec.group_size, "sparsity": spec.effective_sparsity, "nbytes": nbytes,
-                "bits_per_weight": 8 * nbytes / numel,
+                "bits_per_weight": 8 * nbytes / numel, "memory_nbytes": twin.compressed_nbytes(),
             }  # fmt: skip
             if measure:
-                layer["zero_fraction"] = _zero_fraction(twin, name, found, model, original, file_of)
+                layer["zero_fraction"] = _zero_fraction(twin, name, found, model, original, file_of, stored_of)
             layers.append(layer)
     compressed = sum(layer["nbytes"] for layer in layers)
     params = sum(math.prod(layer["shape"]) for layer in layers)
-    other_bf16 = sum(bf16 for name, (_, bf16) in sizes.items() if name not in stored_keys)
+    other_bf16 = sum(
+        2 * math.prod(shape) if dtype.is_floating_point else _nbytes(shape, dtype)
+        for name, (shape, dtype) in index.tensors.items()
+        if name not in in_layers
+    )
     report.update(
         layers=layers,
         compressed_bytes=compressed,
@@ -191,8 +202,10 @@ def _stored_names(name: str, found: dict, model, original: dict) -> set[str]:
     return out
 
 
-def _zero_fraction(twin, name: str, found: dict, model, original: dict, file_of: dict) -> float:
+def _zero_fraction(twin, name: str, found: dict, model, original: dict, file_of: dict, stored_of: dict) -> float:
     from safetensors import safe_open
+
+    from ..lossless.codec import decode_tensor
 
     prefixes = [name + "."]
     base = getattr(model, "base_model_prefix", "")
@@ -204,9 +217,11 @@ def _zero_fraction(twin, name: str, found: dict, model, original: dict, file_of:
     for short in found:
         for prefix in prefixes:
             key = original.get(prefix + short, prefix + short)
-            if key in file_of:
-                with safe_open(str(file_of[key]), framework="pt") as f:
-                    tensors[short] = f.get_tensor(key)
+            stored = stored_of.get(key)
+            if stored in file_of:
+                with safe_open(str(file_of[stored]), framework="pt") as f:
+                    tensor = f.get_tensor(stored)
+                tensors[short] = tensor if stored == key else decode_tensor(tensor, where=stored)
                 break
     twin.set_compressed(tensors, where=name)
     weight = twin.dequantize_weight(torch.float32)
