@@ -1,0 +1,477 @@
+"""``compress_checkpoint``: compress a checkpoint folder block by block, never holding the whole model.
+
+The model is built on the meta device (accelerate's ``init_empty_weights``), so it costs no memory. The
+run then goes through *units*: first the weights outside the repeated blocks (embeddings, final norm,
+untied head), then each block in order. For a unit, its weights are read from the safetensors shards
+(:class:`~hfcompress.streaming.reader.CheckpointReader`), its targeted modules are compressed, its
+tensors (named exactly as ``model.state_dict()`` names them) go to the
+:class:`~hfcompress.streaming.writer.ShardWriter`, and the unit goes back to the meta device.
+
+* Data-free methods (``rtn``, ``magnitude``) compress each weight on its own: no forward pass runs.
+* Calibrated methods (``gptq``, ``sparsegpt``, ``wanda``...) reuse the layer-by-layer machinery of
+  :mod:`hfcompress.calibration.pipeline`: the block inputs are captured once with only the non-block
+  weights loaded, then each block collects its statistics on the current hidden states, is compressed
+  through ``Method.compress_layer`` and re-run to produce the next block's inputs. Memory holds one block
+  plus the calibration hidden states. Under ``torch.distributed`` each process forwards its share of the
+  batches and the statistics are all-reduced (:mod:`hfcompress.distributed`).
+
+Every time a shard is written, the hidden states entering the next block are saved next to it, so an
+interrupted run (crash, kill, power loss) restarts from the last written shard with the same call.
+Targets, output tensors and values are those of the in-memory path
+(``from_pretrained`` + :func:`hfcompress.compress`/:func:`hfcompress.oneshot` + ``save_pretrained``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import distributed as dist_utils
+from ..algorithms import get_method
+from ..calibration.blocks import capture_block_inputs, find_blocks
+from ..calibration.pipeline import _decoded_once, _Run, _stages
+from ..calibration.stats import StatsCollector
+from ..config import HfCompressConfig
+from ..modules import CompressedModule, compressed_twin, set_submodule
+from ..targets import resolve_layers
+from .reader import CheckpointReader
+from .writer import ShardWriter, partial_dir
+
+logger = logging.getLogger("hfcompress.streaming")
+
+__all__ = ["compress_checkpoint", "parse_size"]
+
+_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(size: int | str) -> int:
+    """``"2GB"``/``"500MiB"``/an int -> bytes."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    if isinstance(size, str):
+        text = size.strip().upper()
+        for unit in sorted(_UNITS, key=len, reverse=True):
+            if text.endswith(unit):
+                try:
+                    value = float(text[: -len(unit)])
+                except ValueError:
+                    break
+                if value > 0:
+                    return int(value * _UNITS[unit])
+    raise ValueError(f"shard_size={size!r} is not a size; use bytes (int > 0) or a string such as '2GB' or '500MiB'.")
+
+
+# ---------------------------------------------------------------------- model on the meta device
+def _model_class(hf_config, model_class):
+    if model_class is not None:
+        return model_class
+    import transformers
+
+    for arch in getattr(hf_config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
+def _empty_model(hf_config, model_class, dtype: torch.dtype) -> nn.Module:
+    from accelerate import init_empty_weights
+
+    cls = _model_class(hf_config, model_class)
+    with init_empty_weights():
+        if hasattr(cls, "_from_config"):
+            model = cls._from_config(hf_config, dtype=dtype)
+        else:  # AutoModel
+            model = cls.from_config(hf_config, dtype=dtype)
+    model.eval()
+    return model
+
+
+def _checkpoint_key(name: str, reader: CheckpointReader, base: str) -> str:
+    if name in reader:
+        return name
+    if base:
+        if name.startswith(base + ".") and name[len(base) + 1 :] in reader:
+            return name[len(base) + 1 :]
+        if f"{base}.{name}" in reader:
+            return f"{base}.{name}"
+    raise KeyError(f"The checkpoint has no tensor for {name!r}; it does not match the model class of its config.json.")
+
+
+def _materialize(module: nn.Module, prefix: str, reader: CheckpointReader, base: str, device, skip: set[str]) -> list[str]:
+    """Load the meta parameters/buffers of ``module`` (state-dict names under ``prefix``) from the checkpoint."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    loaded = []
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        full = prefix + name
+        if not tensor.is_meta or full in skip:
+            continue
+        value = reader.read(_checkpoint_key(full, reader, base))
+        if tuple(value.shape) != tuple(tensor.shape):
+            raise ValueError(f"Checkpoint tensor {full!r} has shape {tuple(value.shape)}; the model expects {tuple(tensor.shape)}.")
+        if value.is_floating_point() and value.dtype != tensor.dtype:
+            value = value.to(tensor.dtype)
+        set_module_tensor_to_device(module, name, device, value=value)
+        loaded.append(name)
+    return loaded
+
+
+def _release(module: nn.Module, names: list[str]) -> None:
+    from accelerate.utils import set_module_tensor_to_device
+
+    for name in names:
+        try:
+            set_module_tensor_to_device(module, name, "meta")
+        except (AttributeError, ValueError):
+            pass  # replaced by a compressed twin meanwhile
+
+
+def _compress_data_free(model: nn.Module, names: list[str], plan, method_name: str) -> None:
+    for name in names:
+        dense = model.get_submodule(name)
+        twin = compressed_twin(dense, plan[name])
+        twin.compress_(dense.weight, method=method_name)
+        set_submodule(model, name, twin.to(dense.weight.device))
+
+
+def _cpu_tensors(module: nn.Module, prefix: str, drop: set[str]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, tensor in module.state_dict().items():
+        full = prefix + name
+        if full in drop:
+            continue
+        if tensor.is_meta:
+            raise RuntimeError(f"{full} was not loaded from the checkpoint.")
+        out[full] = tensor.detach().to("cpu")
+    return out
+
+
+def _fingerprint(src: Path, config: HfCompressConfig, dtype: torch.dtype, calib: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "src": str(src.resolve()),
+        "config": config.to_dict(),
+        "dtype": str(dtype),
+        "calibration": calib,
+        "world_size": dist_utils.world_size(),
+    }
+
+
+def _dataset_key(dataset: Any) -> Any:
+    if dataset is None or isinstance(dataset, (str, os.PathLike)):
+        return None if dataset is None else str(dataset)
+    if isinstance(dataset, torch.Tensor):
+        return {"tensor": list(dataset.shape), "sum": float(dataset.double().sum())}
+    return type(dataset).__name__  # user objects: the caller keeps them identical across restarts
+
+
+def _hidden_path(work: Path, unit: int) -> Path:
+    return work / f"hidden-u{unit:05d}-rank{dist_utils.rank()}.pt"
+
+
+def _save_hidden(work: Path, unit: int, hidden: list[torch.Tensor]) -> None:
+    path = _hidden_path(work, unit)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save([h.to("cpu") for h in hidden], tmp)
+    os.replace(tmp, path)
+
+
+def _drop_old_hidden(work: Path, keep: int) -> None:
+    mine = f"-rank{dist_utils.rank()}.pt"
+    for name in os.listdir(work):
+        if name.startswith("hidden-u") and name.endswith(mine) and not name.startswith(f"hidden-u{keep:05d}-"):
+            (work / name).unlink(missing_ok=True)
+
+
+def _broadcast(value: Any) -> Any:
+    if not dist_utils.is_distributed():
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ---------------------------------------------------------------------- the entry point
+@torch.no_grad()
+def compress_checkpoint(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    config: HfCompressConfig,
+    dataset: Any = None,
+    *,
+    tokenizer=None,
+    num_samples: int = 128,
+    seq_len: int = 512,
+    seed: int = 0,
+    batch_size: int = 8,
+    text_column: str | None = None,
+    dataset_config: str | None = None,
+    split: str = "train",
+    blocks: str | None = None,
+    true_sequential: bool = False,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    model_class: type | None = None,
+    shard_size: int | str = "2GB",
+    resume: bool = True,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> Path:
+    """Compress the checkpoint folder ``src`` into ``out`` one block at a time; returns ``out``.
+
+    Args:
+        src: a Hugging Face model folder (``config.json`` + safetensors shards), possibly far larger than memory.
+        out: the folder to create; it appears only when the run has finished (see :mod:`.writer`).
+        config: the :class:`~hfcompress.HfCompressConfig`. Data-free methods need no data; calibrated
+            ones take ``dataset`` and the calibration arguments of :func:`hfcompress.oneshot`
+            (``tokenizer``, ``num_samples``, ``seq_len``, ``seed``, ``batch_size``, ``text_column``,
+            ``dataset_config``, ``split``, ``blocks``, ``true_sequential``), with the same meaning.
+        dtype: the dtype the model runs in and non-compressed tensors are stored in (default: the
+            checkpoint's ``dtype`` in config.json, else float32). float32 gives the most accurate statistics.
+        device: where each block is computed (default: the current CUDA device if any, else CPU).
+        model_class: the transformers class to build (default: ``config.json``'s first architecture).
+        shard_size: bytes of compressed tensors per output shard (``"2GB"``); also how often progress is
+            saved. Memory holds up to one shard of compressed tensors besides the current block.
+        resume: continue an interrupted run with the same arguments from its last written shard.
+        overwrite: replace an existing ``out``.
+        show_progress: tqdm progress bar over the units.
+
+    Under ``accelerate launch``/``torchrun`` (a ``torch.distributed`` process group is initialised from the
+    launcher's environment), every process runs this same call on its share of the calibration batches
+    and rank 0 writes ``out``.
+    """
+    from transformers import AutoConfig
+
+    src, out = Path(src), Path(out)
+    if not isinstance(config, HfCompressConfig):
+        raise TypeError(f"config must be an HfCompressConfig, got {type(config).__name__}.")
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"src={str(src)!r} is not a Hugging Face model folder (no config.json).")
+    if out.resolve() == src.resolve():
+        raise ValueError("out must differ from src: compression never modifies its input.")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"out={str(out)!r} exists; pass overwrite=True to replace it.")
+    size = parse_size(shard_size)
+    method = get_method(config.method)
+    from ..sparsity.allocation import allocation_pending
+
+    if allocation_pending(config):
+        raise ValueError(
+            f"method_args['allocation']={config.method_args['allocation']!r} needs every layer at once; streaming "
+            "compression sets the sparsity layer by layer. Use allocation='uniform' or pin per-layer values in overrides."
+        )
+    hf_config = AutoConfig.from_pretrained(src)
+    existing = getattr(hf_config, "quantization_config", None)
+    if existing:
+        raise ValueError(f"src={str(src)!r} is already quantized ({existing!r}); compress the original dense checkpoint.")
+    if dtype is None:
+        dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype={dtype!r} must be a floating torch dtype such as torch.float32 or torch.bfloat16.")
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    dist_utils.init_from_env()
+
+    reader = CheckpointReader(src)
+    model = _empty_model(hf_config, model_class, dtype)
+    base = getattr(model, "base_model_prefix", "") or ""
+    plan = resolve_layers(model, config)
+    blocks_name, block_list = find_blocks(model, blocks)
+    prefixes = [f"{blocks_name}.{i}." for i in range(len(block_list))]
+    per_block = [[n for n in plan if n.startswith(p)] for p in prefixes]
+    head = [n for n in plan if not any(n.startswith(p) for p in prefixes)]
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    if not method.data_free:
+        bad = [n for n in head if not isinstance(model.get_submodule(n), nn.Embedding)]
+        if bad:
+            raise ValueError(
+                f"Modules outside the blocks {bad[:3]} need a full forward to calibrate, which streaming does not run; "
+                "add them to config.ignore (or compress the model in memory with hfcompress.oneshot)."
+            )
+
+    calib = None
+    batches: list[dict[str, torch.Tensor]] = []
+    if not method.data_free:
+        calib = {
+            "dataset": _dataset_key(dataset), "num_samples": num_samples, "seq_len": seq_len, "seed": seed,
+            "batch_size": batch_size, "text_column": text_column, "dataset_config": dataset_config, "split": split,
+            "blocks": blocks, "true_sequential": true_sequential,
+        }  # fmt: skip
+        batches = _calibration_batches(
+            model, src, dataset, tokenizer, num_samples, seq_len, seed, batch_size, text_column, dataset_config, split
+        )
+        batches = [{k: v.to(device) for k, v in b.items()} for b in dist_utils.shard_batches(batches)]
+
+    metadata = {"format": "pt"}
+    if config.lossless:
+        from ..lossless.loader import METADATA_KEY
+
+        metadata[METADATA_KEY] = "1"
+    work = partial_dir(out)
+    writer = None
+    if dist_utils.is_main_process():
+        writer = ShardWriter(out, _fingerprint(src, config, dtype, calib), size, resume, metadata)
+    units_done = _broadcast(writer.units_done if writer is not None else 0)
+    dist_utils.barrier()
+    if units_done:
+        logger.info("Resuming %s after %d of %d units.", out, units_done, len(block_list) + 1)
+
+    def emit(tensors: dict[str, torch.Tensor], unit: int, hidden: list[torch.Tensor] | None, last: bool) -> None:
+        if config.lossless:
+            from ..formats.lossless import encode_state_dict
+
+            tensors = encode_state_dict(tensors)
+        if writer is not None:
+            writer.add(tensors)
+        flush = _broadcast(writer.should_flush() if writer is not None else False) or last
+        if not flush:
+            return
+        if hidden is not None and not last:
+            _save_hidden(work, unit, hidden)
+        dist_utils.barrier()
+        if writer is not None:
+            writer.flush(unit)
+        dist_utils.barrier()
+        _drop_old_hidden(work, unit)
+
+    progress = tqdm(total=len(block_list) + 1, initial=units_done, desc=f"stream {method.name}", unit="unit", disable=not show_progress)
+    run = _Run(model, plan, method, config.method_args, show_progress=False)
+    # ---- unit 0: weights outside the blocks (and, for calibration, the block inputs)
+    block_inputs = None
+    hidden: list[torch.Tensor] = []
+    if units_done == 0 or not method.data_free:
+        saved = [copy.deepcopy(b) for b in block_list]  # meta: free
+        for i in range(len(block_list)):
+            block_list[i] = nn.Identity()  # the head unit never touches block weights
+        loaded = _materialize(model, "", reader, base, device, skip=tied)
+        for i, b in enumerate(saved):
+            block_list[i] = b
+        if not method.data_free:
+            first = block_list[0]  # the capture runs block 0 once for its output structure
+            block_list[0] = copy.deepcopy(first)
+            _materialize(block_list[0], prefixes[0], reader, base, device, skip=set())
+            try:
+                block_inputs = capture_block_inputs(model, block_list, batches)
+            finally:
+                block_list[0] = first
+            hidden = block_inputs.hidden
+            block_inputs.hidden = []
+        if units_done == 0:
+            if method.data_free:
+                _compress_data_free(model, head, plan, method.name)
+            elif head:  # embeddings: identity statistics, exactly as the in-memory pipeline
+                with StatsCollector({n: model.get_submodule(n) for n in head}, method.needs) as collector:
+                    pass
+                run.compress_modules(head, collector)
+                run.replaced.clear()
+            tensors = _head_tensors(model, prefixes, tied)
+            emit(tensors, 1, hidden if not method.data_free else None, last=not block_list)
+        # free the non-block weights: compressed twins and dense tensors alike go back to meta
+        for name in head:
+            if isinstance(model.get_submodule(name), CompressedModule):
+                set_submodule(model, name, nn.Identity())  # written; no later forward reaches it
+        _release(model, [n for n in loaded if not any(n.startswith(h + ".") for h in head)])
+        progress.update(0 if units_done else 1)
+    if units_done >= 2 and not method.data_free:
+        hidden = torch.load(_hidden_path(work, units_done), weights_only=True)
+        hidden = [h.to(device) for h in hidden]
+
+    # ---- one unit per block
+    for i in range(len(block_list)):
+        unit = i + 2
+        if unit <= units_done:
+            continue
+        meta_block = block_list[i]
+        block = copy.deepcopy(meta_block)
+        _materialize(block, prefixes[i], reader, base, device, skip=set())
+        block_list[i] = block
+        try:
+            names = per_block[i]
+            if method.data_free:
+                _compress_data_free(model, names, plan, method.name)
+            else:
+                hidden = _calibrate_block(run, block_inputs, block, i, names, prefixes[i], hidden, true_sequential)
+            tensors = _cpu_tensors(block, prefixes[i], set())
+        finally:
+            block_list[i] = meta_block
+            run.replaced.clear()
+            del block
+        emit(tensors, unit, hidden if not method.data_free else None, last=i == len(block_list) - 1)
+        del tensors
+        progress.update(1)
+    progress.close()
+    result = out
+    if writer is not None:
+        hf_config.quantization_config = config
+        config_json = json.loads(hf_config.to_json_string())
+        result = writer.finalize(config_json, src, overwrite)
+    dist_utils.barrier()
+    return result
+
+
+def _in_blocks(key: str, prefixes: list[str]) -> bool:
+    return any(key.startswith(p) for p in prefixes)
+
+
+def _head_tensors(model: nn.Module, prefixes: list[str], tied: set[str]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if name in tied or _in_blocks(name, prefixes):
+            continue
+        if tensor.is_meta:
+            raise RuntimeError(f"{name} was not loaded from the checkpoint.")
+        out[name] = tensor.detach().to("cpu")
+    return out
+
+
+def _calibrate_block(run: _Run, block_inputs, block: nn.Module, i: int, names: list[str], prefix: str, hidden, true_sequential: bool):
+    """One block of :func:`hfcompress.calibration.pipeline.run_calibration`, with statistics all-reduced."""
+    if not names:
+        return [block_inputs.call(block, i, b, h) for b, h in enumerate(hidden)]
+    needs = run.method.needs
+    block_inputs.hidden = hidden
+    stages = _stages(block_inputs, block, i, names, prefix) if true_sequential else [names]
+    block_inputs.hidden = []
+    twins: list[CompressedModule] = []
+    for stage in stages:
+        modules = {n: run.model.get_submodule(n) for n in stage}
+        with StatsCollector(modules, needs) as collector, _decoded_once(twins):
+            for b, h in enumerate(hidden):
+                block_inputs.call(block, i, b, h)
+        dist_utils.all_reduce_stats(collector)
+        twins += run.compress_modules(stage, collector)
+        del collector
+    with _decoded_once(twins):
+        return [block_inputs.call(block, i, b, h) for b, h in enumerate(hidden)]
+
+
+def _calibration_batches(model, src, dataset, tokenizer, num_samples, seq_len, seed, batch_size, text_column, dataset_config, split):
+    from ..calibration.data import calibration_batches
+
+    main_input = getattr(model, "main_input_name", "input_ids")
+    needs_text = not (
+        isinstance(dataset, torch.Tensor) or (isinstance(dataset, (list, tuple)) and dataset and isinstance(dataset[0], dict))
+    )
+    if needs_text and tokenizer is None:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(src)
+        except (OSError, ValueError):
+            raise ValueError(
+                f"Text calibration data needs a tokenizer and {src} has none; pass tokenizer=AutoTokenizer.from_pretrained(...)."
+            ) from None
+    return calibration_batches(
+        dataset, tokenizer, num_samples=num_samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
+        text_column=text_column, dataset_config=dataset_config, split=split, main_input_name=main_input,
+    )  # fmt: skip

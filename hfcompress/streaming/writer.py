@@ -1,0 +1,155 @@
+"""Writing a checkpoint unit by unit into a work folder that survives interruptions.
+
+The work folder ``.<out name>.partial`` sits next to the output folder. :class:`ShardWriter` buffers the
+tensors of finished units (the non-block weights, then one block after another) and, once the buffer
+reaches ``shard_size`` bytes or at the end, writes them as one safetensors shard (temp file + rename)
+and then records the progress in ``progress.json`` (also temp file + rename), so a shard is either fully
+on disk and listed, or ignored. A restarted run with the same settings reads ``progress.json`` and
+continues after the last recorded unit; settings that differ (checkpoint, config, data) refuse to resume.
+
+:meth:`ShardWriter.finalize` renames the shards as ``save_pretrained`` names them
+(``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json``, or a single
+``model.safetensors``), writes ``config.json`` last, copies the source's other files (tokenizer,
+generation config), removes the progress files and renames the work folder to the output folder.
+Only a finished run therefore ever produces a folder under the output name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .reader import INDEX_NAME, SINGLE_NAME
+
+__all__ = ["ShardWriter", "PROGRESS_NAME", "partial_dir"]
+
+PROGRESS_NAME = "progress.json"
+_FORMAT_VERSION = 1
+
+
+def partial_dir(out: Path) -> Path:
+    """The work folder of an unfinished run writing ``out``."""
+    return out.parent / f".{out.name}.partial"
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+class ShardWriter:
+    """Buffered, resumable shard writing (see module docstring); only rank 0 should write."""
+
+    def __init__(self, out: Path, fingerprint: dict[str, Any], shard_size: int, resume: bool, metadata: dict[str, str]) -> None:
+        self.out = Path(out)
+        self.work = partial_dir(self.out)
+        self.shard_size = int(shard_size)
+        self.metadata = dict(metadata)
+        self.fingerprint = json.loads(json.dumps(fingerprint))  # normalised as it is stored
+        self.units_done = 0
+        self.shards: dict[str, list[str]] = {}
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffer_bytes = 0
+        progress = self.work / PROGRESS_NAME
+        if self.work.exists() and resume and progress.is_file():
+            state = json.loads(progress.read_text())
+            if state.get("version") != _FORMAT_VERSION or state.get("fingerprint") != self.fingerprint:
+                raise ValueError(
+                    f"{self.work} holds an unfinished run with different settings (checkpoint, config, data or "
+                    "number of processes); pass resume=False to start over, or rerun with the same settings."
+                )
+            self.units_done = int(state["units_done"])
+            self.shards = {k: list(v) for k, v in state["shards"].items()}
+            for name in list(os.listdir(self.work)):  # leftovers of an interrupted write
+                if name.endswith(".tmp") or (name.startswith("part-") and name not in self.shards):
+                    (self.work / name).unlink()
+        else:
+            if self.work.exists():
+                shutil.rmtree(self.work)
+            self.work.mkdir(parents=True)
+            self._save_progress()
+
+    # ------------------------------------------------------------------ progress
+    def _save_progress(self) -> None:
+        state = {"version": _FORMAT_VERSION, "fingerprint": self.fingerprint, "units_done": self.units_done, "shards": self.shards}
+        _write_json_atomic(self.work / PROGRESS_NAME, state)
+
+    @property
+    def buffered_units(self) -> bool:
+        return bool(self._buffer)
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Buffer the tensors of one finished unit (copies detached from the model)."""
+        for name, t in tensors.items():
+            if name in self._buffer or any(name in names for names in self.shards.values()):
+                raise RuntimeError(f"Tensor {name!r} is written twice; the model has overlapping units.")
+            t = t.detach().contiguous()
+            self._buffer[name] = t
+            self._buffer_bytes += t.numel() * t.element_size()
+
+    def should_flush(self) -> bool:
+        return self._buffer_bytes >= self.shard_size
+
+    def flush(self, units_done: int) -> str | None:
+        """Write the buffer as one shard and record ``units_done`` units as finished."""
+        name = None
+        if self._buffer:
+            name = f"part-{len(self.shards):05d}.safetensors"
+            tmp = self.work / (name + ".tmp")
+            save_file(self._buffer, str(tmp), metadata=self.metadata)
+            os.replace(tmp, self.work / name)
+            self.shards[name] = sorted(self._buffer)
+            self._buffer = {}
+            self._buffer_bytes = 0
+        self.units_done = units_done
+        self._save_progress()
+        return name
+
+    # ------------------------------------------------------------------ the end
+    def finalize(self, config_json: dict[str, Any], src: Path, overwrite: bool) -> Path:
+        """Name the shards as ``save_pretrained`` does, write index and config, rename into ``out``."""
+        if self._buffer:
+            raise RuntimeError("finalize() called with unwritten tensors; call flush() first.")
+        parts = sorted(self.shards)
+        total = sum(os.path.getsize(self.work / p) for p in parts)
+        if len(parts) == 1:
+            os.replace(self.work / parts[0], self.work / SINGLE_NAME)
+        else:
+            weight_map: dict[str, str] = {}
+            for i, part in enumerate(parts, start=1):
+                final = f"model-{i:05d}-of-{len(parts):05d}.safetensors"
+                os.replace(self.work / part, self.work / final)
+                weight_map.update({t: final for t in self.shards[part]})
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.work / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        for item in Path(src).iterdir():  # tokenizer, generation config, ...: copied as they are
+            if item.name in (INDEX_NAME, SINGLE_NAME, "config.json") or item.name.endswith((".safetensors", ".bin")):
+                continue
+            if item.name.startswith("."):
+                continue
+            if item.is_dir():
+                shutil.copytree(item, self.work / item.name)
+            else:
+                shutil.copy2(item, self.work / item.name)
+        for name in os.listdir(self.work):
+            if name == PROGRESS_NAME or name.startswith("hidden-"):
+                (self.work / name).unlink()
+        (self.work / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
+        if self.out.exists():
+            if not overwrite:
+                raise FileExistsError(f"out={str(self.out)!r} exists; pass overwrite=True to replace it.")
+            old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
+            os.replace(self.out, old / self.out.name)
+            os.replace(self.work, self.out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.work, self.out)
+        return self.out
