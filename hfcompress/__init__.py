@@ -9,6 +9,7 @@ from .apply import compress, mark_compressed
 from .config import HfCompressConfig
 from .convert import convert_checkpoint
 from .formats import available_formats, get_format, register_format
+from .hub import model_card, push_to_hub, save_compressed
 from .oneshot import oneshot
 from .modules import CompressedConv2d, CompressedEmbedding, CompressedLinear, CompressedModule, compressed_modules
 from .quantizer import HfCompressQuantizer
@@ -34,7 +35,10 @@ __all__ = [
     "get_format",
     "get_method",
     "mark_compressed",
+    "model_card",
     "oneshot",
+    "push_to_hub",
     "register_format",
     "register_method",
+    "save_compressed",
 ]
