@@ -95,6 +95,31 @@ def _load_tokenizer(model: nn.Module):
     )
 
 
+def _is_image_data(dataset: Any, image_processor: Any, image_column: str | None) -> bool:
+    """Images to preprocess: a ``datasets.Dataset`` with an image column, or a list of PIL images."""
+    if image_column is not None:
+        return True
+    if isinstance(dataset, (list, tuple)) and dataset:
+        return hasattr(dataset[0], "convert") and hasattr(dataset[0], "size")  # PIL images
+    if hasattr(dataset, "column_names") and hasattr(dataset, "select"):
+        from .vision.data import image_column_of
+
+        return image_column_of(dataset) is not None and (image_processor is not None or "text" not in dataset.column_names)
+    return False
+
+
+def _load_image_processor(model: nn.Module):
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    if name and Path(name).is_dir():
+        from transformers import AutoImageProcessor
+
+        return AutoImageProcessor.from_pretrained(name)
+    raise ValueError(
+        "Image calibration data needs the model's image processor and the model was not loaded from a local folder "
+        "that has one; pass image_processor=AutoImageProcessor.from_pretrained(...)."
+    )
+
+
 def _input_device(model: nn.Module) -> torch.device:
     get_in = getattr(model, "get_input_embeddings", None)
     try:
@@ -128,6 +153,8 @@ def oneshot(
     layer_specs: dict[str, LayerSpec] | None = None,
     show_progress: bool = True,
     return_results: bool = False,
+    image_processor=None,
+    image_column: str | None = None,
 ) -> nn.Module | tuple[nn.Module, dict[str, LayerResult]]:
     """Compress ``model`` in place with ``config``'s method, calibrating on ``dataset``; returns the model.
 
@@ -150,6 +177,11 @@ def oneshot(
             per-layer sparsity); they are written into the saved config's ``overrides``.
         show_progress: tqdm progress bar per block.
         return_results: also return ``{module name: LayerResult}`` (relative output error per module).
+        image_processor: for image data (a ``datasets.Dataset`` with an image column, or a list of PIL
+            images): the model's image processor; ``num_samples`` images drawn by ``seed`` are preprocessed
+            with it (:func:`hfcompress.vision.image_calibration_batches`). Defaults to the processor saved
+            with the model's local folder.
+        image_column: the column holding the images (default: the dataset's first ``Image`` feature).
 
     Bad arguments raise before anything is modified; an error during compression puts every replaced
     module back. Afterwards ``model.save_pretrained(out)`` writes the compressed checkpoint.
@@ -171,15 +203,25 @@ def oneshot(
         compress(model, config)
         return (model, {}) if return_results else model
     main_input = getattr(model, "main_input_name", "input_ids")
-    needs_text = not (
-        isinstance(dataset, torch.Tensor) or (isinstance(dataset, (list, tuple)) and dataset and isinstance(dataset[0], dict))
-    )
-    if needs_text and tokenizer is None:
-        tokenizer = _load_tokenizer(model)
-    batches = calibration_batches(
-        dataset, tokenizer, num_samples=num_samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
-        text_column=text_column, dataset_config=dataset_config, split=split, main_input_name=main_input,
-    )  # fmt: skip
+    if _is_image_data(dataset, image_processor, image_column):
+        from .vision.data import image_calibration_batches
+
+        batches = image_calibration_batches(
+            dataset, image_processor if image_processor is not None else _load_image_processor(model),
+            num_samples=num_samples, batch_size=batch_size, seed=seed, image_column=image_column,
+            main_input_name=main_input,
+        )  # fmt: skip
+    else:
+        needs_text = not (
+            isinstance(dataset, torch.Tensor)
+            or (isinstance(dataset, (list, tuple)) and dataset and isinstance(dataset[0], dict))
+        )
+        if needs_text and tokenizer is None:
+            tokenizer = _load_tokenizer(model)
+        batches = calibration_batches(
+            dataset, tokenizer, num_samples=num_samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
+            text_column=text_column, dataset_config=dataset_config, split=split, main_input_name=main_input,
+        )  # fmt: skip
     device = _input_device(model)
     batches = [{k: v.to(device) for k, v in batch.items()} for batch in batches]
     from .sparsity.allocation import allocated_config

@@ -17,6 +17,7 @@ DEFAULT_IGNORE = (
     "re:(^|\\.)(lm_head|classifier|score|qa_outputs|cls\\.predictions\\.decoder)(\\.\\d+)?$",
     "re:(^|\\.)embeddings\\.patch_embeddings\\.projection$",  # ViT/DeiT patch stem
     "re:(^|\\.)embedder\\.embedder\\.convolution$",  # ResNet stem
+    "re:(^|\\.)embeddings\\.patch_embeddings$",  # ConvNeXt / ConvNeXtV2 stem (a bare Conv2d)
 )
 
 
