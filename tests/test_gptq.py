@@ -111,7 +111,7 @@ def test_between_brute_force_optimum_and_rtn():
         obj = quant_objective(w, cw.weight, h)
         obj_rtn = quant_objective(w, rtn.dequantize(torch.float64), h)
         optimum = _brute_force_optimum(w, h, rtn.scale, 3)
-        assert optimum * (1 - 1e-9) <= obj <= obj_rtn * (1 + 1e-9)
+        assert optimum * (1 - 1e-6) <= obj <= obj_rtn * (1 + 1e-6)  # objectives: float32 products
         gaps.append((obj - optimum) / max(obj_rtn - optimum, 1e-12))
     assert sum(gaps) / len(gaps) < 0.4
 

@@ -10,7 +10,9 @@ Calibrated methods set ``data_free=False`` and provide
 * ``weight2d``: the dense weight as float32 ``[rows, cols]`` (a copy the method may modify);
 * ``stats``: a :class:`~hfcompress.calibration.stats.LayerStats` holding only what ``needs`` asks for
   (``"hessian"``: ``2/n * sum x x^T`` over the ``n`` calibration tokens, ``[cols, cols]`` float32;
-  ``"act_sq"``: ``sum x**2`` per input feature, ``[cols]`` float32). Stats may be shared between modules
+  ``"act_sq"``: ``sum x**2`` per input feature, ``[cols]`` float32; ``"dense_cross"``: ``2/n * sum xd x^T``
+  with ``xd`` the input of the uncompressed model, for methods that target the dense model's output,
+  implies the Hessian and costs one extra block pass). Stats may be shared between modules
   that read the same input (q/k/v projections), so a method must not modify them in place;
 * ``spec``: the :class:`~hfcompress.spec.LayerSpec` of this module (a per-layer override may differ from
   the config's defaults, e.g. OWL's non-uniform sparsity);
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
     from ..calibration.stats import LayerStats
 
 #: statistics a calibrated method may ask the pipeline for
-STAT_KINDS = frozenset({"hessian", "act_sq"})
+STAT_KINDS = frozenset({"hessian", "act_sq", "dense_cross"})
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ def available_methods() -> list[str]:
 
 from . import rtn  # noqa: E402,F401  (registers "rtn")
 from . import gptq  # noqa: E402,F401  (registers "gptq")
+from . import quantease  # noqa: E402,F401  (registers "quantease")
 from . import magnitude, wanda, sparsegpt, admm  # noqa: E402,F401  (sparsity methods)
 
 __all__ = ["STAT_KINDS", "Method", "available_methods", "get_method", "register_method"]

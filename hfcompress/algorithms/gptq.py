@@ -73,30 +73,36 @@ def prepare_hessian(weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.
 
 
 def hessian_inverse_cholesky(h: torch.Tensor, damp: float, name: str = "") -> torch.Tensor:
-    """Upper Cholesky factor ``U`` of ``(H + lambda I)^-1`` (``U^T U = H^-1``), raising ``lambda`` on failure."""
+    """Upper triangular ``U`` with ``U^T U = (H + lambda I)^-1``, raising ``lambda`` tenfold on failure.
+
+    Computed without forming the inverse: with ``J`` the order reversal, ``J H J = L L^T`` gives
+    ``H = R R^T`` for the upper triangular ``R = J L J``, so ``U = R^-1``: one Cholesky factorisation and
+    one triangular solve.
+    """
     mean_diag = torch.diagonal(h).mean().clamp(min=1e-12)
     cols = h.shape[0]
-    eye = torch.arange(cols, device=h.device)
+    eye_idx = torch.arange(cols, device=h.device)
+    eye = torch.eye(cols, dtype=h.dtype, device=h.device)
     lam = max(damp, 1e-8) * mean_diag
     for attempt in range(6):
-        hd = h.clone()
-        hd[eye, eye] += lam
+        hd = h.flip(0, 1).clone()
+        hd[eye_idx, eye_idx] += lam
         chol, info = torch.linalg.cholesky_ex(hd)
         if info == 0:
-            inv = torch.cholesky_inverse(chol)
-            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
-            if info == 0 and torch.isfinite(upper).all():
+            r = chol.flip(0, 1)  # upper triangular, H + lambda I = R R^T
+            u = torch.linalg.solve_triangular(r, eye, upper=True)
+            if torch.isfinite(u).all():
                 if attempt:
                     logger.warning("%s: Hessian needed dampening %.3g x mean diagonal to factorise.", name or "layer", float(lam / mean_diag))
-                return upper
+                return u
         lam = lam * 10
     raise FloatingPointError(f"{name or 'layer'}: the calibration Hessian could not be factorised even with strong dampening.")
 
 
 def quant_objective(weight: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
-    """``tr((W - W') H (W - W')^T)``, the layer output error GPTQ minimises (float64)."""
-    delta = (w_hat.double() - weight.double())
-    return float(((delta @ hessian.double()) * delta).sum())
+    """``tr((W - W') H (W - W')^T)``, the layer output error GPTQ minimises (product in float32, sum in float64)."""
+    delta = (w_hat.double() - weight.double()).float()
+    return float(((delta @ hessian.float()) * delta).double().sum())
 
 
 def _qparams_for_columns(w_cols: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype, clip: str):
@@ -151,11 +157,11 @@ def gptq_quantize(
     scale = torch.empty(rows, ngroups, dtype=sdtype)
     zero = None if sym else torch.empty(rows, ngroups, dtype=torch.uint8)
     ready = [False] * ngroups
-    codes_t = torch.empty(cols, rows, dtype=torch.uint8)
+    codes_t = torch.empty(cols, rows, dtype=torch.float64)
 
     with few_threads(1):
         _gptq_loop(wt, u, gperm, pos_of, g, block_size, bits, sym, sdtype, spec.clip, scale, zero, codes_t, ready)
-    codes = codes_t[pos_of].t().contiguous()
+    codes = codes_t[pos_of].t().to(torch.uint8).contiguous()
     return QuantizedWeight(codes=codes, scale=scale, zero=zero, bits=bits, group_size=gs)
 
 
@@ -193,7 +199,7 @@ def _gptq_loop(wt, u, gperm, pos_of, g, block_size, bits, sym, sdtype, clip, sca
             sv, zv = s_t[grp], z_t[grp]
             torch.round(x / sv, out=q)
             q.add_(zv).clamp_(0, maxq)
-            codes_t[col] = q.to(torch.uint8)
+            codes_t[col] = q
             e = err1[i]
             torch.sub(x, (q - zv).mul_(sv), out=e)
             e.div_(u1[i, i])

@@ -43,7 +43,7 @@ from ..formats.base import CompressedWeight
 from ..modules import CompressedModule, compressed_twin, set_submodule
 from ..spec import LayerSpec
 from .blocks import BlockInputs, capture_block_inputs, find_blocks, first_tensor, model_call_kwargs
-from .stats import LayerStats, StatsCollector
+from .stats import InputRecorder, LayerStats, StatsCollector
 
 logger = logging.getLogger("hfcompress.calibration")
 
@@ -110,28 +110,46 @@ def _weight_device(module: nn.Module) -> torch.device:
     return w.device
 
 
+class _StandIns:
+    """Decoded compressed weights installed in the original dense modules (see :func:`_decoded_stand_ins`)."""
+
+    def __init__(self) -> None:
+        self.saved: list[tuple[str, nn.Module, nn.Parameter, nn.Parameter]] = []
+
+    @contextlib.contextmanager
+    def dense(self) -> Iterator[None]:
+        """Temporarily give the stand-ins their original (uncompressed) weights back."""
+        for _, original, param, _ in self.saved:
+            original._parameters["weight"] = param
+        try:
+            yield
+        finally:
+            for _, original, _, decoded in self.saved:
+                original._parameters["weight"] = decoded
+
+
 @contextlib.contextmanager
-def _decoded_once(twins: list[CompressedModule]) -> Iterator[None]:
-    """While re-running a block, decode each compressed weight once instead of once per batch."""
-    cache: dict[int, dict[torch.dtype, torch.Tensor]] = {}
-    patched = []
-    for twin in twins:
-        original = twin.dequantize_weight
-        store = cache.setdefault(id(twin), {})
+def _decoded_stand_ins(model: nn.Module, replaced: dict[str, nn.Module], twins: dict[str, CompressedModule]) -> Iterator[_StandIns]:
+    """While re-running a block, compute with the decoded compressed weights in the original dense modules.
 
-        def cached(dtype: torch.dtype = torch.float32, _orig=original, _store=store) -> torch.Tensor:
-            if dtype not in _store:
-                _store[dtype] = _orig(dtype)
-            return _store[dtype]
-
-        twin.__dict__["dequantize_weight"] = cached
-        patched.append(twin)
+    Each compressed weight is decoded once (instead of once per batch) and the original module, holding
+    it as its weight, stands in for the twin; everything is put back on exit.
+    """
+    stand_ins = _StandIns()
     try:
-        yield
+        for name, twin in twins.items():
+            original = replaced[name]
+            param = original._parameters["weight"]
+            decoded = twin.dequantize_weight(param.dtype).reshape(param.shape).to(param.device)
+            decoded = nn.Parameter(decoded, requires_grad=False)
+            original._parameters["weight"] = decoded
+            stand_ins.saved.append((name, original, param, decoded))
+            set_submodule(model, name, original)
+        yield stand_ins
     finally:
-        for twin in patched:
-            twin.__dict__.pop("dequantize_weight", None)
-        cache.clear()
+        for name, original, param, _ in stand_ins.saved:
+            original._parameters["weight"] = param
+            set_submodule(model, name, twins[name])
 
 
 # ---------------------------------------------------------------------- the pipeline
@@ -152,8 +170,8 @@ class _Run:
         self.results: dict[str, LayerResult] = {}
         self.replaced: dict[str, nn.Module] = {}  # name -> original dense module (for rollback)
 
-    def compress_modules(self, names: list[str], collector: StatsCollector | None) -> list[CompressedModule]:
-        twins = []
+    def compress_modules(self, names: list[str], collector: StatsCollector | None) -> dict[str, CompressedModule]:
+        twins = {}
         for name in names:
             dense = self.model.get_submodule(name)
             spec = self.plan[name]
@@ -174,7 +192,7 @@ class _Run:
             logger.info("%s: relative output error %.3e (%d samples, %.2fs)", name, error, stats.nsamples, seconds)
             set_submodule(self.model, name, twin)
             self.replaced[name] = dense
-            twins.append(twin)
+            twins[name] = twin
             if collector is not None:
                 collector.release(name)
             del stats
@@ -184,6 +202,41 @@ class _Run:
         for name, dense in self.replaced.items():
             set_submodule(self.model, name, dense)
         self.replaced.clear()
+
+
+@contextlib.contextmanager
+def _with_originals(model: nn.Module, replaced: dict[str, nn.Module], names: list[str]) -> Iterator[None]:
+    """Temporarily put the original dense modules back for ``names`` that were already compressed."""
+    swapped = {n: model.get_submodule(n) for n in names if n in replaced}
+    for n in swapped:
+        set_submodule(model, n, replaced[n])
+    try:
+        yield
+    finally:
+        for n, twin in swapped.items():
+            set_submodule(model, n, twin)
+
+
+def _pre_needs(needs: frozenset[str]) -> frozenset[str]:
+    return (needs - {"dense_cross"}) | ({"hessian"} if "dense_cross" in needs else set())
+
+
+class _CrossFromHessian:
+    """Statistics of modules whose compressed-model and dense-model inputs are the same (``G = H``)."""
+
+    def __init__(self, collector: StatsCollector) -> None:
+        self._collector = collector
+
+    def stats(self, name: str) -> LayerStats:
+        s = self._collector.stats(name)
+        s.dense_cross = s.hessian.clone() if s.hessian is not None else None
+        return s
+
+    def nsamples(self, name: str) -> int:
+        return self._collector.nsamples(name)
+
+    def release(self, name: str) -> None:
+        self._collector.release(name)
 
 
 def _check_result(name: str, cw: Any, shape: tuple[int, int]) -> None:
@@ -257,20 +310,29 @@ def run_calibration(
     inside = {n for names in per_block for n in names}
     outside = [n for n in plan if n not in inside]
     needs = method.needs
+    use_dense = "dense_cross" in needs
     run = _Run(model, plan, method, method_args, show_progress)
     was_training = model.training
     model.eval()
     try:
         outside_modules = {n: model.get_submodule(n) for n in outside}
-        with StatsCollector(outside_modules, needs) as pre_collector:
+        with StatsCollector(outside_modules, _pre_needs(needs)) as pre_collector:
             block_inputs = capture_block_inputs(model, block_list, batches)
+        first_hidden = block_inputs.hidden  # what the uncompressed model feeds block 0
         early = [n for n in outside if pre_collector.nsamples(n) > 0]
         if early:  # modules before the first block (embeddings projections...): compress, then re-capture
-            run.compress_modules(early, pre_collector)
+            pre_stats = pre_collector
+            if use_dense:  # before the first block the compressed and dense inputs coincide
+                pre_stats = _CrossFromHessian(pre_collector)
+            run.compress_modules(early, pre_stats)
+            del pre_stats
             block_inputs = capture_block_inputs(model, block_list, batches)
         del pre_collector
         hidden = block_inputs.hidden
         block_inputs.hidden = []
+        # methods aiming at the dense model's outputs follow the uncompressed model too ("dense_cross")
+        dense_hidden = list(first_hidden) if use_dense else None
+        del first_hidden
         progress = tqdm(total=len(block_list), desc=f"oneshot {method.name}", disable=not show_progress, unit="block")
         for i, block in enumerate(block_list):
             names = per_block[i]
@@ -279,28 +341,47 @@ def run_calibration(
                     block_inputs.hidden = hidden
                     stages = _stages(block_inputs, block, i, names, prefixes[i]) if true_sequential else [names]
                     block_inputs.hidden = []
-                    twins: list[CompressedModule] = []
+                    twins: dict[str, CompressedModule] = {}
+                    next_dense: list[torch.Tensor] = []
                     for stage in stages:
                         modules = {n: model.get_submodule(n) for n in stage}
-                        with StatsCollector(modules, needs) as collector, _decoded_once(twins):
+                        with StatsCollector(modules, needs) as collector, _decoded_stand_ins(model, run.replaced, twins) as stand_ins:
                             for b, h in enumerate(hidden):
+                                if use_dense:
+                                    collector.active = False
+                                    with stand_ins.dense(), InputRecorder(modules) as rec:
+                                        out = block_inputs.call(block, i, b, dense_hidden[b])
+                                    if stage is stages[0]:
+                                        next_dense.append(out)
+                                    collector.reference, collector.active = rec.inputs, True
                                 block_inputs.call(block, i, b, h)
-                        twins += run.compress_modules(stage, collector)
+                                collector.reference = {}
+                        twins.update(run.compress_modules(stage, collector))
                         del collector
-                    with _decoded_once(twins):
+                    with _decoded_stand_ins(model, run.replaced, twins):
                         hidden = [block_inputs.call(block, i, b, h) for b, h in enumerate(hidden)]
+                    if use_dense:
+                        dense_hidden = next_dense
                 else:
                     hidden = [block_inputs.call(block, i, b, h) for b, h in enumerate(hidden)]
+                    if use_dense:
+                        dense_hidden = [block_inputs.call(block, i, b, h) for b, h in enumerate(dense_hidden)]
             progress.update(1)
         progress.close()
-        del hidden
+        del hidden, dense_hidden
         late = [n for n in outside if n not in run.results]
         if late:  # modules after the blocks (poolers, heads that are not ignored)
             modules = {n: model.get_submodule(n) for n in late}
             extra = model_call_kwargs(model)
             with StatsCollector(modules, needs) as collector:
                 for batch in batches:
+                    if use_dense:
+                        collector.active = False
+                        with _with_originals(model, run.replaced, list(run.replaced)), InputRecorder(modules) as rec:
+                            model(**batch, **extra)
+                        collector.reference, collector.active = rec.inputs, True
                     model(**batch, **extra)
+                    collector.reference = {}
             run.compress_modules(late, collector)
     except BaseException:
         run.rollback()

@@ -8,7 +8,13 @@ inputs ``x_1 .. x_n`` (one per token, ``cols`` features):
   objective ``mean_t |(W - W') x_t|^2`` that GPTQ and SparseGPT minimise (the GPTQ scaling);
 * ``act_sq = sum_t x_t**2`` (``[cols]`` float32): the squared input norm per feature, Wanda's
   ``|X_j|_2 = sqrt(act_sq[j])``;
-* ``nsamples = n``: the number of tokens (vectors) seen.
+* ``nsamples = n``: the number of tokens (vectors) seen;
+* ``dense_cross = 2/n * sum_t xd_t x_t^T`` (``[cols, cols]`` float32), where ``xd_t`` is the input the
+  same token gives this layer in the *uncompressed* model while ``x_t`` comes from the model whose
+  earlier blocks are already compressed (``needs={"dense_cross"}``). With it a method can aim at the
+  dense model's output rather than the layer's own: ``min |W' X - W Xd|^2`` equals
+  ``tr((W' - W*) H (W' - W*)^T)`` up to a constant, with ``W* = W G H^-1`` and ``G = dense_cross``
+  (asymmetric calibration, as in GPTAQ). The pipeline runs the extra dense pass only for such methods.
 
 Inputs are flattened to vectors of the weight's ``cols``: the last dimension of a Linear input, and for a
 Conv2d the ``in/groups * kh * kw`` patches :func:`torch.nn.functional.unfold` extracts (column order
@@ -29,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LayerStats", "StatsCollector", "identity_stats", "layer_inputs_2d"]
+__all__ = ["InputRecorder", "LayerStats", "StatsCollector", "identity_stats", "layer_inputs_2d"]
 
 
 @dataclass
@@ -39,14 +45,17 @@ class LayerStats:
     hessian: torch.Tensor | None = None  # float32 [cols, cols], 2/n * sum x x^T
     act_sq: torch.Tensor | None = None  # float32 [cols], sum x**2
     nsamples: int = 0
+    dense_cross: torch.Tensor | None = None  # float32 [cols, cols], 2/n * sum x_dense x^T (only when asked for)
 
 
 def identity_stats(cols: int, needs: frozenset[str], device: torch.device | str = "cpu") -> LayerStats:
     """Statistics of inputs that carry no information about the weight's columns (identity Hessian)."""
+    eye = torch.eye(cols, device=device)
     return LayerStats(
-        hessian=torch.eye(cols, device=device) if "hessian" in needs else None,
+        hessian=eye if "hessian" in needs or "dense_cross" in needs else None,
         act_sq=torch.ones(cols, device=device) if "act_sq" in needs else None,
         nsamples=0,
+        dense_cross=eye.clone() if "dense_cross" in needs else None,
     )
 
 
@@ -79,12 +88,19 @@ def layer_inputs_2d(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class _Accumulator:
-    __slots__ = ("xtx", "sq", "n")
+    __slots__ = ("xtx", "sq", "cross", "n")
 
     def __init__(self) -> None:
         self.xtx: torch.Tensor | None = None
         self.sq: torch.Tensor | None = None
+        self.cross: torch.Tensor | None = None
         self.n = 0
+
+
+def _add(acc: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor | None:
+    if value is None:
+        return acc
+    return value.clone() if acc is None else acc.add_(value)
 
 
 class StatsCollector:
@@ -102,7 +118,11 @@ class StatsCollector:
         self.needs = frozenset(needs)
         self._acc = {name: _Accumulator() for name in self.modules}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._last: tuple | None = None  # (module, input, x^T x, sum x^2, n) of the latest hook call
+        self._last: tuple | None = None  # (module, input, reference, x^T x, sum x^2, xd^T x, n) of the latest call
+        #: inputs the uncompressed model gives each module for the current batch (``"dense_cross"`` only)
+        self.reference: dict[str, torch.Tensor] = {}
+        #: hooks do nothing while False (the pipeline's dense passes)
+        self.active = True
 
     # ------------------------------------------------------------------ hooks
     def __enter__(self) -> "StatsCollector":
@@ -121,11 +141,13 @@ class StatsCollector:
             handle.remove()
         self._handles.clear()
         self._last = None
+        self.reference = {}
+
 
     def _make_hook(self, name: str):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0] if args else None
-            if not isinstance(x, torch.Tensor):
+            if not self.active or not isinstance(x, torch.Tensor):
                 return
             self._accumulate(name, module, x)
 
@@ -133,20 +155,34 @@ class StatsCollector:
 
     @torch.no_grad()
     def _accumulate(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
+        ref = self.reference.get(name) if "dense_cross" in self.needs else None
+        if "dense_cross" in self.needs and ref is None:
+            raise RuntimeError(f"No dense-model input was recorded for {name}; the pipeline must set collector.reference.")
         last = self._last
-        if last is not None and last[1] is x and type(last[0]) is type(module) and _same_geometry(last[0], module):
-            _, _, xtx, sq, n = last  # same input tensor as the previous hook (q/k/v): reuse the products
+        if (
+            last is not None
+            and last[1] is x
+            and last[2] is ref
+            and type(last[0]) is type(module)
+            and _same_geometry(last[0], module)
+        ):
+            _, _, _, xtx, sq, cross, n = last  # same input tensor as the previous hook (q/k/v): reuse the products
         else:
             x2 = layer_inputs_2d(module, x)
             n = x2.shape[0]
-            xtx = (x2.t() @ x2).double() if "hessian" in self.needs else None
+            xtx = (x2.t() @ x2).double() if "hessian" in self.needs or "dense_cross" in self.needs else None
             sq = x2.pow(2).sum(0).double() if "act_sq" in self.needs else None
-            self._last = (module, x, xtx, sq, n)
+            cross = None
+            if ref is not None:
+                ref2 = layer_inputs_2d(module, ref)
+                if ref2.shape != x2.shape:
+                    raise RuntimeError(f"{name}: the dense-model input has shape {tuple(ref2.shape)}, expected {tuple(x2.shape)}.")
+                cross = (ref2.t() @ x2).double()
+            self._last = (module, x, ref, xtx, sq, cross, n)
         acc = self._acc[name]
-        if xtx is not None:
-            acc.xtx = xtx.clone() if acc.xtx is None else acc.xtx.add_(xtx)
-        if sq is not None:
-            acc.sq = sq.clone() if acc.sq is None else acc.sq.add_(sq)
+        acc.xtx = _add(acc.xtx, xtx)
+        acc.sq = _add(acc.sq, sq)
+        acc.cross = _add(acc.cross, cross)
         acc.n += n
 
     # ------------------------------------------------------------------ results
@@ -162,7 +198,8 @@ class StatsCollector:
             return identity_stats(cols, self.needs, module.weight.device)
         hessian = (acc.xtx * (2.0 / acc.n)).float() if acc.xtx is not None else None
         act_sq = acc.sq.float() if acc.sq is not None else None
-        return LayerStats(hessian=hessian, act_sq=act_sq, nsamples=acc.n)
+        cross = (acc.cross * (2.0 / acc.n)).float() if acc.cross is not None else None
+        return LayerStats(hessian=hessian, act_sq=act_sq, nsamples=acc.n, dense_cross=cross)
 
     def release(self, name: str) -> None:
         """Free the accumulators of ``name``."""
@@ -174,3 +211,27 @@ def _same_geometry(a: nn.Module, b: nn.Module) -> bool:
         keys = ("kernel_size", "stride", "padding", "dilation", "groups", "in_channels", "padding_mode")
         return all(getattr(a, k) == getattr(b, k) for k in keys)
     return True
+
+
+class InputRecorder:
+    """Forward pre-hooks keeping the latest input of each module (the dense pass of ``"dense_cross"``)."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.modules = dict(modules)
+        self.inputs: dict[str, torch.Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> "InputRecorder":
+        for name, module in self.modules.items():
+
+            def hook(mod, args, _name=name):
+                if args and isinstance(args[0], torch.Tensor):
+                    self.inputs[_name] = args[0].detach()
+
+            self._handles.append(module.register_forward_pre_hook(hook))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

@@ -1,0 +1,177 @@
+"""``quantease``: GPTQ refined by coordinate descent on the codes and on the scales.
+
+GPTQ visits each column once and never revisits a decision. Starting from its result, this method
+keeps lowering the same layer objective ``f = tr((W - W') H (W - W')^T)`` (the output error on the
+calibration inputs) by alternating two exact descent steps, each of which can only lower ``f``:
+
+* **codes** (cyclic coordinate descent, as in QuantEase, Behdin et al. 2023): for one column ``j`` with
+  all others fixed, ``f`` is a 1-D quadratic whose minimiser over the column's grid is the grid point
+  nearest to ``W'_j + (dW H)_j / H_jj``; every row moves at once. Columns are swept in blocks so most
+  of the work is matrix products (the in-block updates are rank-1, the rest one GEMM per block);
+* **scales** (block Gauss-Seidel): with the codes fixed, ``f`` is quadratic in each group's scale, so
+  every (row, group) scale jumps to its exact minimiser ``s + c.P_g / c^T H_gg c`` (``c`` the group's
+  integer offsets, ``P = dW H``), then is rounded to ``scale_dtype``; zero points stay fixed.
+
+Codes and scales are chosen on the stored grid, so what is measured is what is saved. The result is
+kept only if it beats GPTQ's (and RTN's) objective. ``method_args``: GPTQ's ``damp``, ``block_size``,
+``act_order`` plus ``sweeps`` (5: code sweeps, each followed by a scale sweep) and ``cd_damp``
+(0.0: extra diagonal, relative to ``mean(diag H)``, in the objective the descent minimises).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..formats.base import CompressedWeight
+from ..grid import QuantizedWeight, scale_torch_dtype
+from ..spec import LayerSpec
+from . import Method, register_method
+from .gptq import GPTQ_DEFAULTS, best_of_rtn, check_method_args, few_threads, gptq_quantize, prepare_hessian, quant_objective
+
+__all__ = ["refine_quantization", "quantease_compress_layer"]
+
+QUANTEASE_DEFAULTS: dict[str, Any] = {**GPTQ_DEFAULTS, "sweeps": 5, "cd_damp": 0.0, "asymmetric": True}
+
+
+def dense_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.Tensor:
+    """``W* = W G (H + lambda I)^-1``: the weight whose output on the compressed model's inputs best matches
+    the dense model's output (``G = 2/n sum xd x^T``); float64."""
+    w, h, dead = prepare_hessian(weight, hessian)
+    g = cross.to(torch.float64)
+    lam = max(damp, 1e-8) * torch.diagonal(h).mean()
+    hd = h + lam * torch.eye(h.shape[0], dtype=torch.float64)
+    chol, info = torch.linalg.cholesky_ex(hd)
+    if info != 0:
+        return w
+    # W* = W G Hd^-1  <=>  W*^T = Hd^-1 G^T W^T
+    target = torch.cholesky_solve(g.t() @ w.t(), chol).t()
+    target[:, dead] = 0.0
+    return target.contiguous()
+
+
+def _group_bounds(cols: int, group_size: int | None) -> list[tuple[int, int]]:
+    g = cols if group_size is None or group_size >= cols else group_size
+    return [(a, min(a + g, cols)) for a in range(0, cols, g)]
+
+
+@torch.no_grad()
+def refine_quantization(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    q: QuantizedWeight,
+    scale_dtype: torch.dtype,
+    sweeps: int = 5,
+    block_size: int = 128,
+    refine_scales: bool = True,
+) -> QuantizedWeight:
+    """Lower ``tr((W - Q) H (W - Q)^T)`` from the starting point ``q`` (see module docstring)."""
+    rows, cols = weight.shape
+    bits, gs = q.bits, q.group_size
+    maxq = (1 << bits) - 1
+    bounds = _group_bounds(cols, gs)
+    w = weight.to(torch.float64)
+    h = hessian.to(torch.float64)
+    codes = q.codes.to(torch.float64)
+    scale = q.scale.clone()
+    zero = q.zero.to(torch.float64) if q.zero is not None else None
+    mid = float(1 << (bits - 1))
+
+    def expand(t_rows_groups: torch.Tensor) -> torch.Tensor:  # [rows, ngroups] -> [cols, rows]
+        return torch.cat([t_rows_groups[:, k : k + 1].expand(rows, b - a) for k, (a, b) in enumerate(bounds)], 1).t().contiguous()
+
+    diag = torch.diagonal(h).clone()
+    alive = diag > 0
+    inv_diag = torch.where(alive, 1.0 / diag.clamp(min=1e-300), torch.zeros_like(diag))
+    # work on transposes: column j is the contiguous row [j]
+    ct = codes.t().contiguous()
+    for sweep in range(sweeps):
+        s_t = expand(scale.double())
+        z_t = expand(zero) if zero is not None else torch.full_like(s_t, mid)
+        what_t = (ct - z_t) * s_t
+        p_t = (h @ (w.t() - what_t))  # P^T = H dW^T : [cols, rows]
+        # ---- codes: cyclic coordinate descent, blocked
+        for b1 in range(0, cols, block_size):
+            b2 = min(b1 + block_size, cols)
+            d_block = torch.zeros(b2 - b1, rows, dtype=torch.float64)
+            for j in range(b1, b2):
+                if not alive[j]:
+                    continue
+                target = what_t[j] + p_t[j] * inv_diag[j]
+                new_code = torch.clamp(torch.round(target / s_t[j]) + z_t[j], 0, maxq)
+                changed = new_code != ct[j]
+                if not bool(changed.any()):
+                    continue
+                new_val = (new_code - z_t[j]) * s_t[j]
+                delta = new_val - what_t[j]  # change of W'_j (dW_j changes by -delta)
+                ct[j] = new_code
+                what_t[j] = new_val
+                d_block[j - b1] = delta
+                p_t[b1:b2].addr_(h[b1:b2, j], delta, alpha=-1)
+            if b1 > 0 or b2 < cols:
+                rest = torch.cat([torch.arange(0, b1), torch.arange(b2, cols)])
+                p_t[rest] -= h[rest, b1:b2] @ d_block
+        if not refine_scales:
+            continue
+        # ---- scales: exact per-(row, group) minimiser, groups in turn
+        for k, (a, b) in enumerate(bounds):
+            c = ct[a:b] - z_t[a:b]  # [g, rows] integer offsets
+            num = (c * p_t[a:b]).sum(0)
+            den = ((h[a:b, a:b] @ c) * c).sum(0)
+            ok = den > 0
+            old = scale[:, k].double()
+            step = torch.where(ok, num / den.clamp(min=1e-300), torch.zeros_like(num))
+            new = (old + step).to(scale_dtype)
+            new = torch.where(new.double() > 0, new, scale[:, k])  # a scale never flips sign or vanishes
+            moved = new.double() - old
+            if not bool((moved != 0).any()):
+                continue
+            scale[:, k] = new
+            delta = c * moved  # [g, rows] change of W'
+            s_t[a:b] = new.double()
+            what_t[a:b] += delta
+            p_t -= h[:, a:b] @ delta
+    out_codes = ct.t().round().clamp(0, maxq).to(torch.uint8).contiguous()
+    return QuantizedWeight(codes=out_codes, scale=scale, zero=q.zero, bits=bits, group_size=gs)
+
+
+def quantease_compress_layer(weight: torch.Tensor, stats, spec: LayerSpec, method_args: dict[str, Any]) -> CompressedWeight:
+    """``compress_layer`` of method ``"quantease"`` (see :mod:`hfcompress.algorithms`)."""
+    args = check_method_args("quantease", method_args, QUANTEASE_DEFAULTS)
+    sweeps, cd_damp, asymmetric = args.pop("sweeps"), args.pop("cd_damp"), args.pop("asymmetric")
+    if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0:
+        raise ValueError(f"method_args sweeps={sweeps!r} must be a non-negative integer, e.g. 5.")
+    if isinstance(cd_damp, bool) or not isinstance(cd_damp, (int, float)) or cd_damp < 0:
+        raise ValueError(f"method_args cd_damp={cd_damp!r} must be a non-negative number, e.g. 0.0.")
+    if stats.hessian is None:
+        raise ValueError("method='quantease' needs the input Hessian; the calibration pipeline did not provide it.")
+    if asymmetric and stats.dense_cross is not None and stats.nsamples > 0:
+        weight = dense_target(weight, stats.hessian, stats.dense_cross, args["damp"]).float()
+    start = gptq_quantize(weight, stats.hessian, spec, **args)
+    start = best_of_rtn(weight, stats.hessian, spec, start)
+    if sweeps:
+        w64, h64, _ = prepare_hessian(weight, stats.hessian)
+        if cd_damp:
+            h64 = h64 + cd_damp * torch.diagonal(h64).mean() * torch.eye(h64.shape[0], dtype=torch.float64)
+        with few_threads(1):
+            refined = refine_quantization(
+                w64, h64, start, scale_torch_dtype(spec.scale_dtype), sweeps=sweeps, block_size=args["block_size"]
+            )
+        h = stats.hessian
+        if quant_objective(weight, refined.dequantize(torch.float64), h) < quant_objective(weight, start.dequantize(torch.float64), h):
+            start = refined
+    return CompressedWeight(weight=start.dequantize(torch.float32), quantized=start)
+
+
+register_method(
+    Method(
+        name="quantease",
+        data_free=False,
+        quantizes=True,
+        prunes=False,
+        description="GPTQ followed by coordinate descent on codes and scales of the layer output error (lower error, slower).",
+        needs=frozenset({"hessian", "dense_cross"}),
+        compress_layer=quantease_compress_layer,
+    )
+)
