@@ -2,8 +2,10 @@
 
 Every process runs the same script; each one forwards its own share of the calibration batches
 (:func:`shard_batches`: batch ``b`` goes to rank ``b % world_size``) through the current block, then the
-statistics every calibrated method reads (``sum x x^T`` and ``sum x**2`` accumulated in float64, and the
-token count) are summed over the processes with :func:`all_reduce_stats` before ``compress_layer`` runs.
+statistics a calibrated method receives (:class:`~hfcompress.calibration.stats.LayerStats`: the Hessian
+``2/n sum x x^T``, ``sum x**2``, the token count ``n``) are turned back into sums, summed over the
+processes in float64 and renormalised (:func:`all_reduce_layer_stats`) inside the method's
+``compress_layer`` (:func:`data_parallel_method`), before the algorithm runs.
 Every rank then holds exactly the statistics a single process would have accumulated over all batches,
 up to the order of the floating-point additions, and runs the (deterministic) algorithm on them, so all
 ranks hold the same compressed block and compute their next hidden states from it. Rank 0 writes files.
@@ -16,6 +18,7 @@ process, so the same code path serves both.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, TypeVar
 
@@ -23,7 +26,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    "all_reduce_stats",
+    "all_reduce_layer_stats",
+    "data_parallel_method",
     "barrier",
     "init_from_env",
     "is_distributed",
@@ -91,40 +95,55 @@ def shard_batches(batches: list[T]) -> list[T]:
     return list(batches[rank() :: n])
 
 
-def _reduce_device(t: torch.Tensor) -> torch.device:
+def _reduce_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def all_reduce_stats(collector: Any) -> None:
-    """Sum the accumulated statistics of a :class:`~hfcompress.calibration.stats.StatsCollector` over all ranks.
+def all_reduce_layer_stats(stats: Any) -> Any:
+    """The :class:`~hfcompress.calibration.stats.LayerStats` of all ranks' inputs together.
 
-    Works on the float64 accumulators (before the ``2/n`` scaling), so the reduced statistics are those of
-    one process that saw every batch. A rank whose share never reached a module contributes zeros.
+    Each rank's statistics are turned back into sums (``hessian``-like fields times ``n/2``, ``act_sq`` as
+    is) in float64, summed over the ranks and normalised by the total token count, exactly as one process
+    would have normalised its own sums. A rank whose share never reached the layer (``nsamples == 0``,
+    identity statistics) contributes zeros; if no rank saw it, the identity statistics are kept.
     """
     if not is_distributed():
-        return
-    names = sorted(collector._acc)  # same order on every rank
-    counts = torch.tensor([collector._acc[n].n for n in names], dtype=torch.float64)
-    counts = counts.to(_reduce_device(counts))
-    dist.all_reduce(counts)
-    for name, total in zip(names, counts.tolist()):
-        acc = collector._acc[name]
-        module = collector.modules[name]
-        cols = module.weight.reshape(module.weight.shape[0], -1).shape[1]
-        device = module.weight.device
-        if "hessian" in collector.needs:
-            xtx = acc.xtx if acc.xtx is not None else torch.zeros(cols, cols, dtype=torch.float64, device=device)
-            red = xtx.to(_reduce_device(xtx))
-            dist.all_reduce(red)
-            acc.xtx = red.to(device)
-        if "act_sq" in collector.needs:
-            sq = acc.sq if acc.sq is not None else torch.zeros(cols, dtype=torch.float64, device=device)
-            red = sq.to(_reduce_device(sq))
-            dist.all_reduce(red)
-            acc.sq = red.to(device)
-        acc.n = int(total)
-        if acc.n == 0:  # no rank saw it: keep the collector's identity-statistics convention
-            acc.xtx = acc.sq = None
-    collector._last = None
+        return stats
+    n_local = int(stats.nsamples)
+    fields = [f.name for f in dataclasses.fields(stats) if isinstance(getattr(stats, f.name), torch.Tensor)]
+    count = torch.tensor([float(n_local)], dtype=torch.float64)
+    count = count.to(_reduce_device())
+    dist.all_reduce(count)
+    total = int(count.item())
+    if total == 0:
+        return stats
+    values = {}
+    for name in fields:
+        value = getattr(stats, name)
+        local = value.double() if name == "act_sq" else value.double() * (n_local / 2.0)
+        if n_local == 0:
+            local = torch.zeros_like(local)
+        red = local.to(_reduce_device())
+        dist.all_reduce(red)
+        red = red.to(value.device)
+        values[name] = (red if name == "act_sq" else red * (2.0 / total)).to(value.dtype)
+    return dataclasses.replace(stats, **values, nsamples=total)
+
+
+def data_parallel_method(method: Any) -> Any:
+    """``method`` whose ``compress_layer`` first all-reduces its statistics over the process group.
+
+    Every rank calls ``compress_layer`` for the same modules in the same order (the pipeline walks the
+    same plan), which is what the collective operations need; each then compresses from the same
+    statistics. In a single process the method is returned unchanged.
+    """
+    if not is_distributed() or method.compress_layer is None:
+        return method
+    inner = method.compress_layer
+
+    def compress_layer(weight2d, stats, spec, method_args):
+        return inner(weight2d, all_reduce_layer_stats(stats), spec, method_args)
+
+    return dataclasses.replace(method, compress_layer=compress_layer)

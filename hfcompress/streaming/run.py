@@ -23,6 +23,7 @@ Targets, output tensors and values are those of the in-memory path
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import logging
@@ -36,9 +37,8 @@ from tqdm.auto import tqdm
 
 from .. import distributed as dist_utils
 from ..algorithms import get_method
-from ..calibration.blocks import capture_block_inputs, find_blocks
-from ..calibration.pipeline import _decoded_once, _Run, _stages
-from ..calibration.stats import StatsCollector
+from ..calibration.blocks import capture_block_inputs, find_blocks, first_tensor
+from ..calibration.pipeline import run_calibration
 from ..config import HfCompressConfig
 from ..modules import CompressedModule, compressed_twin, set_submodule
 from ..targets import resolve_layers
@@ -140,6 +140,18 @@ def _compress_data_free(model: nn.Module, names: list[str], plan, method_name: s
         dense = model.get_submodule(name)
         twin = compressed_twin(dense, plan[name])
         twin.compress_(dense.weight, method=method_name)
+        set_submodule(model, name, twin.to(dense.weight.device))
+
+
+def _compress_identity(model: nn.Module, names: list[str], plan, method, method_args) -> None:
+    from ..calibration.stats import identity_stats
+
+    for name in names:
+        dense = model.get_submodule(name)
+        w2d = dense.weight.detach().reshape(dense.weight.shape[0], -1).to(torch.float32, copy=True)
+        cw = method.compress_layer(w2d, identity_stats(w2d.shape[1], method.needs, w2d.device), plan[name], method_args)
+        twin = compressed_twin(dense, plan[name])
+        twin.set_compressed_weight(cw)
         set_submodule(model, name, twin.to(dense.weight.device))
 
 
@@ -291,6 +303,11 @@ def compress_checkpoint(
     per_block = [[n for n in plan if n.startswith(p)] for p in prefixes]
     head = [n for n in plan if not any(n.startswith(p) for p in prefixes)]
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    if "dense_cross" in method.needs:
+        raise ValueError(
+            f"method={method.name!r} follows the dense model's activations next to the compressed ones, which streaming "
+            "does not keep; compress in memory with hfcompress.oneshot, or pick gptq/sparsegpt/wanda."
+        )
     if not method.data_free:
         bad = [n for n in head if not isinstance(model.get_submodule(n), nn.Embedding)]
         if bad:
@@ -345,7 +362,6 @@ def compress_checkpoint(
         _drop_old_hidden(work, unit)
 
     progress = tqdm(total=len(block_list) + 1, initial=units_done, desc=f"stream {method.name}", unit="unit", disable=not show_progress)
-    run = _Run(model, plan, method, config.method_args, show_progress=False)
     # ---- unit 0: weights outside the blocks (and, for calibration, the block inputs)
     block_inputs = None
     hidden: list[torch.Tensor] = []
@@ -369,11 +385,8 @@ def compress_checkpoint(
         if units_done == 0:
             if method.data_free:
                 _compress_data_free(model, head, plan, method.name)
-            elif head:  # embeddings: identity statistics, exactly as the in-memory pipeline
-                with StatsCollector({n: model.get_submodule(n) for n in head}, method.needs) as collector:
-                    pass
-                run.compress_modules(head, collector)
-                run.replaced.clear()
+            elif head:  # embeddings: identity statistics, as the in-memory pipeline gives them
+                _compress_identity(model, head, plan, method, config.method_args)
             tensors = _head_tensors(model, prefixes, tied)
             emit(tensors, 1, hidden if not method.data_free else None, last=not block_list)
         # free the non-block weights: compressed twins and dense tensors alike go back to meta
@@ -400,11 +413,12 @@ def compress_checkpoint(
             if method.data_free:
                 _compress_data_free(model, names, plan, method.name)
             else:
-                hidden = _calibrate_block(run, block_inputs, block, i, names, prefixes[i], hidden, true_sequential)
+                hidden = _calibrate_block(
+                    method, config.method_args, block_inputs, block, i, names, prefixes[i], plan, hidden, true_sequential
+                )
             tensors = _cpu_tensors(block, prefixes[i], set())
         finally:
             block_list[i] = meta_block
-            run.replaced.clear()
             del block
         emit(tensors, unit, hidden if not method.data_free else None, last=i == len(block_list) - 1)
         del tensors
@@ -434,25 +448,44 @@ def _head_tensors(model: nn.Module, prefixes: list[str], tied: set[str]) -> dict
     return out
 
 
-def _calibrate_block(run: _Run, block_inputs, block: nn.Module, i: int, names: list[str], prefix: str, hidden, true_sequential: bool):
-    """One block of :func:`hfcompress.calibration.pipeline.run_calibration`, with statistics all-reduced."""
+class _OneBlock(nn.Module):
+    """A model made of one block, fed the recorded hidden states and arguments of each calibration batch.
+
+    :func:`~hfcompress.calibration.pipeline.run_calibration` runs on it as on any model, so streaming
+    calibrates each block exactly as the in-memory pipeline does (stages, statistics, compression).
+    """
+
+    def __init__(self, block: nn.Module, block_inputs, index: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([block])
+        self._inputs = block_inputs
+        self._index = index
+
+    def forward(self, hidden_states: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:
+        return self._inputs.call(self.layers[0], self._index, int(batch_index), hidden_states)
+
+
+def _calibrate_block(method, method_args, block_inputs, block, i, names, prefix, plan, hidden, true_sequential):
+    """Compress the targeted modules of one block in place; returns the hidden states for the next block."""
     if not names:
         return [block_inputs.call(block, i, b, h) for b, h in enumerate(hidden)]
-    needs = run.method.needs
-    block_inputs.hidden = hidden
-    stages = _stages(block_inputs, block, i, names, prefix) if true_sequential else [names]
-    block_inputs.hidden = []
-    twins: list[CompressedModule] = []
-    for stage in stages:
-        modules = {n: run.model.get_submodule(n) for n in stage}
-        with StatsCollector(modules, needs) as collector, _decoded_once(twins):
-            for b, h in enumerate(hidden):
-                block_inputs.call(block, i, b, h)
-        dist_utils.all_reduce_stats(collector)
-        twins += run.compress_modules(stage, collector)
-        del collector
-    with _decoded_once(twins):
-        return [block_inputs.call(block, i, b, h) for b, h in enumerate(hidden)]
+    wrapper = _OneBlock(block, block_inputs, i)
+    local = {"layers.0." + n[len(prefix) :]: plan[n] for n in names}
+    batches = [{"hidden_states": h, "batch_index": torch.tensor(b)} for b, h in enumerate(hidden)]
+    # the pipeline's last pass over the block runs the compressed block on every batch, in order, to make
+    # the next block's inputs: keep those outputs instead of recomputing them
+    outputs: collections.deque = collections.deque(maxlen=len(hidden))
+    handle = block.register_forward_hook(lambda mod, args, out: outputs.append(first_tensor(out)))
+    try:
+        run_calibration(
+            wrapper, local, dist_utils.data_parallel_method(method), method_args, batches, blocks="layers",
+            true_sequential=true_sequential, show_progress=False,
+        )  # fmt: skip
+    finally:
+        handle.remove()
+    if len(outputs) != len(hidden):  # pragma: no cover - guards the pipeline contract
+        raise RuntimeError("The calibration pipeline did not re-run the compressed block on every batch.")
+    return list(outputs)
 
 
 def _calibration_batches(model, src, dataset, tokenizer, num_samples, seq_len, seed, batch_size, text_column, dataset_config, split):
