@@ -1,0 +1,103 @@
+"""Data-parallel calibration: 2 CPU processes (gloo) give the 1-process result up to reduction order."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from hfcompress import HfCompressConfig, distributed
+from hfcompress.calibration.stats import StatsCollector
+from hfcompress.models import tiny_llama
+from hfcompress.modules import compressed_modules
+from hfcompress.streaming import compress_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    from torch import nn
+    from hfcompress import HfCompressConfig, distributed
+    from hfcompress.calibration.stats import StatsCollector
+    from hfcompress.streaming import compress_checkpoint
+
+    src, out, stats_out = sys.argv[1:4]
+    assert distributed.init_from_env("gloo") and distributed.world_size() == 2
+    # 1. statistics of a Linear fed this rank's share of 6 batches, all-reduced
+    torch.manual_seed(0)
+    layer = nn.Linear(24, 8)
+    xs = [torch.randn(3, 5, 24) for _ in range(6)]
+    with StatsCollector({"l": layer}, {"hessian", "act_sq"}) as collector:
+        for x in distributed.shard_batches(xs):
+            layer(x)
+    reduced = distributed.all_reduce_layer_stats(collector.stats("l"))
+    if distributed.rank() == 0:
+        torch.save({"hessian": reduced.hessian, "act_sq": reduced.act_sq, "n": reduced.nsamples}, stats_out)
+    # 2. streaming GPTQ on a tiny Llama, each rank on half of the calibration batches
+    ids = torch.randint(1, 256, (8, 16), generator=torch.Generator().manual_seed(0))
+    config = HfCompressConfig(method="gptq", bits=4, group_size=32)
+    compress_checkpoint(src, out, config, ids, batch_size=2, show_progress=False)
+    torch.distributed.destroy_process_group()
+    """
+)
+
+
+def _ids():
+    return torch.randint(1, 256, (8, 16), generator=torch.Generator().manual_seed(0))
+
+
+def test_single_process_helpers_are_identity():
+    assert not distributed.is_distributed() and distributed.rank() == 0 and distributed.world_size() == 1
+    assert distributed.shard_batches([1, 2, 3]) == [1, 2, 3]
+    assert distributed.init_from_env() is False  # not started by a launcher
+    layer = torch.nn.Linear(4, 2)
+    with StatsCollector({"l": layer}, {"hessian"}) as c:
+        layer(torch.randn(3, 4))
+    stats = c.stats("l")
+    assert distributed.all_reduce_layer_stats(stats) is stats
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process(tmp_path):
+    src = tmp_path / "dense"
+    tiny_llama().save_pretrained(src, max_shard_size="100KB")
+    script = tmp_path / "dp.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(src), str(tmp_path / "dp_out"), str(tmp_path / "stats.pt")]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    # statistics: exactly those of one process over all batches, up to float64 reduction order
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(24, 8)
+    xs = [torch.randn(3, 5, 24) for _ in range(6)]
+    with StatsCollector({"l": layer}, {"hessian", "act_sq"}) as collector:
+        for x in xs:
+            layer(x)
+    full = collector.stats("l")
+    got = torch.load(tmp_path / "stats.pt")
+    assert got["n"] == full.nsamples == 90
+    torch.testing.assert_close(got["hessian"], full.hessian, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got["act_sq"], full.act_sq, rtol=1e-6, atol=1e-6)
+
+    # the compressed model: same format, the same weights up to rare rounding flips
+    config = HfCompressConfig(method="gptq", bits=4, group_size=32)
+    one = compress_checkpoint(src, tmp_path / "one_out", config, _ids(), batch_size=2, show_progress=False)
+    a, b = AutoModelForCausalLM.from_pretrained(one), AutoModelForCausalLM.from_pretrained(tmp_path / "dp_out")
+    assert a.config.quantization_config.to_dict() == b.config.quantization_config.to_dict()
+    ca, cb = compressed_modules(a), compressed_modules(b)
+    assert sorted(ca) == sorted(cb) and len(ca) == 14
+    for name in ca:
+        wa, wb = ca[name].dequantize_weight(), cb[name].dequantize_weight()
+        changed = (wa != wb).float().mean().item()
+        assert changed < 0.02, (name, changed)  # a flip needs a value within float error of a rounding boundary
+        assert (wa - wb).abs().max() <= 2 * wa.abs().max() / 7 + 1e-6, name  # at most one grid step
