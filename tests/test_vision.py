@@ -149,7 +149,11 @@ def _relative_logit_error(model, dense, x):
     return ((model(pixel_values=x).logits - ref).norm() / ref.norm()).item()
 
 
-@pytest.mark.parametrize("make", [tiny_vit, tiny_resnet, _tiny_convnext], ids=["vit", "resnet", "convnext"])
+@pytest.mark.parametrize(
+    "make",
+    [pytest.param(tiny_vit, marks=pytest.mark.slow), pytest.param(tiny_resnet, marks=pytest.mark.slow), _tiny_convnext],
+    ids=["vit", "resnet", "convnext"],
+)
 def test_oneshot_on_image_dataset_and_bitexact_reload(make, tmp_path):
     """GPTQ calibrated on an image dataset (through the processor) beats RTN on held-out images; the saved
     checkpoint reloads with plain from_pretrained to bit-identical logits."""

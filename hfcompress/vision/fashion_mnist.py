@@ -31,7 +31,7 @@ logger = logging.getLogger("hfcompress.vision")
 __all__ = ["ARCHITECTURES", "build_model", "fashion_mnist_image_processor", "fashion_mnist_model_path", "to_rgb", "train"]
 
 #: default number of optimisation steps (batch 64) per architecture: a few minutes on one CPU core
-ARCHITECTURES = {"vit": 1200, "resnet": 1000}
+ARCHITECTURES = {"vit": 3000, "resnet": 1000}
 
 
 def _labels() -> dict:
