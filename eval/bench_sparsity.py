@@ -75,11 +75,12 @@ def run_one(name: str, args) -> dict:
         oneshot(model, cfg, None, tokenizer=tok, num_samples=args.samples, seq_len=args.calib_len, seed=0, show_progress=False)
         row["seconds"] = time.time() - t0
         row["rss_mb"] = peak_rss_mb()
+        model.to(torch.bfloat16)  # kept values stored in bf16, like the published dense checkpoint
         report = compression_report(model)
         weights = sum(layer["nbytes"] * 8 / layer["bits_per_weight"] for layer in report["layers"])
         row["bits_per_weight"] = 8 * report["compressed_bytes"] / weights
         out = tempfile.mkdtemp(prefix="bench-sparsity-")
-        model.to(torch.bfloat16).save_pretrained(out)
+        model.save_pretrained(out)
         row["bytes"] = disk_bytes(out)
         del model
         fp32 = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
@@ -97,13 +98,14 @@ def main() -> None:
     ap.add_argument("--calib-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--results", default=None, help="JSON-lines file to append each result to")
+    ap.add_argument("--dense-ppl", type=float, default=None, help="dense perplexity measured by another run (skips dense)")
     ap.add_argument("--run", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run:
         print(json.dumps(run_one(args.run, args)), flush=True)
         return
     names = [n for n in CONFIGS if (not args.only or any(s in n for s in args.only)) and not any(s in n for s in args.skip)]
-    if "dense" not in names:
+    if "dense" not in names and args.dense_ppl is None:
         names.insert(0, "dense")  # every ratio needs the dense perplexity of the same run
     rows = []
     passthrough = ["--windows", str(args.windows), "--seq-len", str(args.seq_len), "--samples", str(args.samples),
@@ -119,7 +121,7 @@ def main() -> None:
         if args.results:
             with open(args.results, "a") as f:
                 f.write(json.dumps(row) + "\n")
-    dense = next(r["ppl"] for r in rows if r["config"] == "dense")
+    dense = args.dense_ppl if args.dense_ppl is not None else next(r["ppl"] for r in rows if r["config"] == "dense")
     print(f"\nSmolLM2-135M, calibration {args.samples} x {args.calib_len} tokens (Wikipedia summaries, seed 0), "
           f"WikiText-2 {args.windows} x {args.seq_len} tokens, fp32 compute, {args.threads} threads")  # fmt: skip
     print(f"{'config':24s} {'ppl':>8s} {'x dense':>8s} {'time s':>8s} {'peak RSS MB':>12s} {'MB on disk':>11s} {'bits/w':>7s}")
