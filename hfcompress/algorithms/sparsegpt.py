@@ -50,7 +50,7 @@ def inverse_hessian_factor(h: torch.Tensor, dampening: float) -> torch.Tensor:
             if int(info) == 0 and torch.isfinite(upper).all():
                 return upper.float()
         damp = damp * 10 if damp > 0 else 1e-6
-    raise FloatingPointError("The Hessian stays singular after raising dampening to {damp:g}; check the calibration data.")
+    raise FloatingPointError(f"The Hessian stays singular after raising dampening to {damp:g}; check the calibration data.")
 
 
 def _block_size(blocksize: int, cols: int, m: int | None, group_size: int | None) -> int:
