@@ -1,14 +1,15 @@
 """Data-parallel calibration over ``torch.distributed`` (launched with ``accelerate launch`` or ``torchrun``).
 
 Every process runs the same script; each one forwards its own share of the calibration batches
-(:func:`shard_batches`: batch ``b`` goes to rank ``b % world_size``) through the current block, then the
-statistics a calibrated method receives (:class:`~hfcompress.calibration.stats.LayerStats`: the Hessian
-``2/n sum x x^T``, ``sum x**2``, the token count ``n``) are turned back into sums, summed over the
-processes in float64 and renormalised (:func:`all_reduce_layer_stats`) inside the method's
-``compress_layer`` (:func:`data_parallel_method`), before the algorithm runs.
-Every rank then holds exactly the statistics a single process would have accumulated over all batches,
-up to the order of the floating-point additions, and runs the (deterministic) algorithm on them, so all
-ranks hold the same compressed block and compute their next hidden states from it. Rank 0 writes files.
+(:func:`shard_batches`: batch ``b`` goes to rank ``b % world_size``) through the current block. Inside
+:func:`reduced_statistics`, the float64 accumulators of the pipeline's statistics collectors (``sum x x^T``,
+``sum x**2``, the token count) are summed over the processes the moment a module's statistics are read,
+before ``compress_layer`` runs. Every rank then holds the statistics a single process would have
+accumulated over all batches, up to the order of the float64 additions (which, after the cast to the
+float32 statistics methods receive, almost never shows), and runs the deterministic algorithm on them: all
+ranks hold the same compressed block, compute their next hidden states from it, and rank 0 writes files.
+(:func:`all_reduce_layer_stats`/:func:`data_parallel_method` do the same from a method's float32
+:class:`~hfcompress.calibration.stats.LayerStats`, for custom loops; they are only float32-accurate.)
 
 The process group is the one ``accelerate launch``/``torchrun`` sets up through the usual environment
 variables (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...): :func:`init_from_env` creates it with the
@@ -18,8 +19,10 @@ process, so the same code path serves both.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -28,6 +31,7 @@ import torch.distributed as dist
 __all__ = [
     "all_reduce_layer_stats",
     "data_parallel_method",
+    "reduced_statistics",
     "barrier",
     "init_from_env",
     "is_distributed",
@@ -147,3 +151,67 @@ def data_parallel_method(method: Any) -> Any:
         return inner(weight2d, all_reduce_layer_stats(stats), spec, method_args)
 
     return dataclasses.replace(method, compress_layer=compress_layer)
+
+
+def _slots(needs: frozenset[str], cols: int) -> list[tuple[str, tuple[int, ...]]]:
+    """The float64 accumulators of a StatsCollector entry that ``needs`` fills, with their shapes."""
+    slots = []
+    if needs & {"hessian", "dense_cross"}:
+        slots.append(("xtx", (cols, cols)))
+    if "act_sq" in needs:
+        slots.append(("sq", (cols,)))
+    if "dense_cross" in needs:
+        slots.append(("cross", (cols, cols)))
+    return slots
+
+
+def _all_reduce_accumulator(collector: Any, name: str) -> None:
+    acc = collector._acc[name]
+    module = collector.modules[name]
+    cols = module.weight.reshape(module.weight.shape[0], -1).shape[1]
+    device = module.weight.device
+    count = torch.tensor([float(acc.n)], dtype=torch.float64).to(_reduce_device())
+    dist.all_reduce(count)
+    for slot, shape in _slots(collector.needs, cols):
+        value = getattr(acc, slot, None)
+        if value is None:
+            value = torch.zeros(shape, dtype=torch.float64, device=device)
+        red = value.to(_reduce_device())
+        dist.all_reduce(red)
+        setattr(acc, slot, red.to(device))
+    acc.n = int(count.item())
+    if acc.n == 0:  # no rank saw it: the collector's identity-statistics convention
+        for slot, _ in _slots(collector.needs, cols):
+            setattr(acc, slot, None)
+
+
+@contextlib.contextmanager
+def reduced_statistics() -> Iterator[None]:
+    """Inside this context, every :class:`~hfcompress.calibration.stats.StatsCollector` sums its float64
+    accumulators over the process group the first time a module's statistics are read.
+
+    This is exact up to the order of float64 additions (a 2-way sum of partial sums instead of one running
+    sum), so the float32 statistics the method receives are nearly always bit-identical to one process's;
+    :func:`all_reduce_layer_stats` works from the float32 statistics instead and is only float32-accurate,
+    which GPTQ's sequential error feedback can amplify into different roundings. Collectors are read in
+    plan order on every rank, which keeps the collective calls matched. A no-op in a single process.
+    """
+    if not is_distributed():
+        yield
+        return
+    from .calibration.stats import StatsCollector
+
+    original = StatsCollector.stats
+
+    def stats(self, name: str):
+        done = self.__dict__.setdefault("_hfcompress_reduced", set())
+        if name not in done:
+            _all_reduce_accumulator(self, name)
+            done.add(name)
+        return original(self, name)
+
+    StatsCollector.stats = stats
+    try:
+        yield
+    finally:
+        StatsCollector.stats = original

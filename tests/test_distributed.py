@@ -89,7 +89,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     torch.testing.assert_close(got["hessian"], full.hessian, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got["act_sq"], full.act_sq, rtol=1e-6, atol=1e-6)
 
-    # the compressed model: same format, the same weights up to rare rounding flips
+    # the compressed model: same format, same weights
     config = HfCompressConfig(method="gptq", bits=4, group_size=32)
     one = compress_checkpoint(src, tmp_path / "one_out", config, _ids(), batch_size=2, show_progress=False)
     a, b = AutoModelForCausalLM.from_pretrained(one), AutoModelForCausalLM.from_pretrained(tmp_path / "dp_out")
@@ -98,6 +98,5 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert sorted(ca) == sorted(cb) and len(ca) == 14
     for name in ca:
         wa, wb = ca[name].dequantize_weight(), cb[name].dequantize_weight()
-        changed = (wa != wb).float().mean().item()
-        assert changed < 0.02, (name, changed)  # a flip needs a value within float error of a rounding boundary
-        assert (wa - wb).abs().max() <= 2 * wa.abs().max() / 7 + 1e-6, name  # at most one grid step
+        # float64 sums of partial sums vs one running sum: the float32 statistics, hence GPTQ, are identical
+        assert torch.equal(wa, wb), (name, (wa != wb).float().mean().item())

@@ -477,10 +477,11 @@ def _calibrate_block(method, method_args, block_inputs, block, i, names, prefix,
     outputs: collections.deque = collections.deque(maxlen=len(hidden))
     handle = block.register_forward_hook(lambda mod, args, out: outputs.append(first_tensor(out)))
     try:
-        run_calibration(
-            wrapper, local, dist_utils.data_parallel_method(method), method_args, batches, blocks="layers",
-            true_sequential=true_sequential, show_progress=False,
-        )  # fmt: skip
+        with dist_utils.reduced_statistics():
+            run_calibration(
+                wrapper, local, method, method_args, batches, blocks="layers", true_sequential=true_sequential,
+                show_progress=False,
+            )  # fmt: skip
     finally:
         handle.remove()
     if len(outputs) != len(hidden):  # pragma: no cover - guards the pipeline contract
