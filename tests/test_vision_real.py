@@ -41,8 +41,12 @@ def _resnet_path():
     steps = ARCHITECTURES["resnet"]
     if (cache_dir() / "models" / f"fashion-mnist-resnet-{steps}s-b64-seed0" / "config.json").exists():
         return fashion_mnist_model_path("resnet")
-    torch.set_num_threads(1)  # several small ops: one thread is fastest on a shared machine
-    return fashion_mnist_model_path("resnet", steps=300)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # many small ops: one thread is fastest on a shared machine
+    try:
+        return fashion_mnist_model_path("resnet", steps=300)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.slow
