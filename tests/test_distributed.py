@@ -44,6 +44,15 @@ SCRIPT = textwrap.dedent(
     ids = torch.randint(1, 256, (8, 16), generator=torch.Generator().manual_seed(0))
     config = HfCompressConfig(method="gptq", bits=4, group_size=32)
     compress_checkpoint(src, out, config, ids, batch_size=2, show_progress=False)
+    # 3. in-memory oneshot on this rank's share of ready batches
+    from transformers import AutoModelForCausalLM
+    import hfcompress
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    batches = [{"input_ids": w} for w in ids.split(2)]
+    with distributed.reduced_statistics():
+        hfcompress.oneshot(model, config, distributed.shard_batches(batches), show_progress=False)
+    if distributed.rank() == 0:
+        model.save_pretrained(out + "_oneshot")
     torch.distributed.destroy_process_group()
     """
 )
@@ -100,3 +109,14 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         wa, wb = ca[name].dequantize_weight(), cb[name].dequantize_weight()
         # float64 sums of partial sums vs one running sum: the float32 statistics, hence GPTQ, are identical
         assert torch.equal(wa, wb), (name, (wa != wb).float().mean().item())
+
+    # in-memory oneshot under the launcher, on ready batches sharded by rank
+    import hfcompress
+
+    dense = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    hfcompress.oneshot(dense, config, [{"input_ids": w} for w in _ids().split(2)], show_progress=False)
+    c = AutoModelForCausalLM.from_pretrained(tmp_path / "dp_out_oneshot")
+    cd, cc = compressed_modules(dense), compressed_modules(c)
+    assert sorted(cd) == sorted(cc)
+    for name in cd:
+        assert torch.equal(cd[name].dequantize_weight(), cc[name].dequantize_weight()), name

@@ -289,10 +289,10 @@ def compress_checkpoint(
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype={dtype!r} must be a floating torch dtype such as torch.float32 or torch.bfloat16.")
+    dist_utils.init_from_env()  # under a launcher: join the group (and pick this rank's GPU) first
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(device)
-    dist_utils.init_from_env()
 
     reader = CheckpointReader(src)
     model = _empty_model(hf_config, model_class, dtype)
