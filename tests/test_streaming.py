@@ -82,6 +82,7 @@ def test_gptq_streaming_matches_in_memory_oneshot(dense_dir, tmp_path):
 def test_lossless_stage_composes(dense_dir, tmp_path):
     config = HfCompressConfig(bits=4, group_size=32, lossless=True)
     out = compress_checkpoint(dense_dir, tmp_path / "out", config, show_progress=False)
+    assert (out / "model.safetensors").is_file()  # the per-unit parts merged into one shard
     assert any(k.endswith("_lossless") for k in _saved_tensors(out))
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     reference = hfcompress.compress(AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32), HfCompressConfig(bits=4, group_size=32))

@@ -250,8 +250,8 @@ def compress_checkpoint(
             checkpoint's ``dtype`` in config.json, else float32). float32 gives the most accurate statistics.
         device: where each block is computed (default: the current CUDA device if any, else CPU).
         model_class: the transformers class to build (default: ``config.json``'s first architecture).
-        shard_size: bytes of compressed tensors per output shard (``"2GB"``); also how often progress is
-            saved. Memory holds up to one shard of compressed tensors besides the current block.
+        shard_size: bytes of compressed tensors per output shard (``"2GB"``). Each unit is written (and
+            the progress saved) as soon as it is done; parts are merged into shards at the end.
         resume: continue an interrupted run with the same arguments from its last written shard.
         overwrite: replace an existing ``out``.
         show_progress: tqdm progress bar over the units.

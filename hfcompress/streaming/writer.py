@@ -1,10 +1,9 @@
 """Writing a checkpoint unit by unit into a work folder that survives interruptions.
 
-The work folder ``.<out name>.partial`` sits next to the output folder. :class:`ShardWriter` buffers the
-tensors of finished units (the non-block weights, then one block after another) and, once the buffer
-reaches ``shard_size`` bytes or at the end, writes them as one safetensors shard (temp file + rename)
-and then records the progress in ``progress.json`` (also temp file + rename), so a shard is either fully
-on disk and listed, or ignored. A restarted run with the same settings reads ``progress.json`` and
+The work folder ``.<out name>.partial`` sits next to the output folder. :class:`ShardWriter` writes the
+tensors of each finished unit (the non-block weights, then one block after another) as one safetensors
+part file (temp file + rename), then records the progress in ``progress.json`` (also temp file +
+rename), so a part is either fully on disk and listed, or ignored. Memory holds one unit's tensors. A restarted run with the same settings reads ``progress.json`` and
 continues after the last recorded unit; settings that differ (checkpoint, config, data) refuse to resume.
 
 :meth:`ShardWriter.finalize` renames the shards as ``save_pretrained`` names them
@@ -19,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,47 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+def _merge_safetensors(parts: list[Path], dst: Path, metadata: dict[str, str]) -> None:
+    """Concatenate safetensors files into ``dst`` by copying their data regions (no tensor is loaded)."""
+    if len(parts) == 1:
+        os.replace(parts[0], dst)
+        return
+    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    regions = []
+    offset = 0
+    for part in parts:
+        with open(part, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            part_header = json.loads(f.read(n))
+        part_header.pop("__metadata__", None)
+        end = 0
+        for name, info in part_header.items():
+            begin, stop = info["data_offsets"]
+            header[name] = {**info, "data_offsets": [offset + begin, offset + stop]}
+            end = max(end, stop)
+        regions.append((part, 8 + n, end))
+        offset += end
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    tmp = dst.with_name(dst.name + ".tmp")
+    with open(tmp, "wb") as out:
+        out.write(struct.pack("<Q", len(raw)))
+        out.write(raw)
+        for part, start, length in regions:
+            with open(part, "rb") as f:
+                f.seek(start)
+                remaining = length
+                while remaining:
+                    chunk = f.read(min(remaining, 1 << 24))
+                    if not chunk:
+                        raise ValueError(f"{part} is truncated; delete {dst.parent} and run again.")
+                    out.write(chunk)
+                    remaining -= len(chunk)
+    os.replace(tmp, dst)
+    for part in parts:
+        part.unlink()
 
 
 class ShardWriter:
@@ -96,7 +137,8 @@ class ShardWriter:
             self._buffer_bytes += t.numel() * t.element_size()
 
     def should_flush(self) -> bool:
-        return self._buffer_bytes >= self.shard_size
+        """Always: every unit is written at once (memory holds one unit), shards are grouped at the end."""
+        return True
 
     def flush(self, units_done: int) -> str | None:
         """Write the buffer as one shard and record ``units_done`` units as finished."""
@@ -115,19 +157,34 @@ class ShardWriter:
 
     # ------------------------------------------------------------------ the end
     def finalize(self, config_json: dict[str, Any], src: Path, overwrite: bool) -> Path:
-        """Name the shards as ``save_pretrained`` does, write index and config, rename into ``out``."""
+        """Group the parts into shards of up to ``shard_size`` bytes (data copied, not loaded), name them as
+        ``save_pretrained`` does, write index and config, rename into ``out``."""
         if self._buffer:
             raise RuntimeError("finalize() called with unwritten tensors; call flush() first.")
         parts = sorted(self.shards)
-        total = sum(os.path.getsize(self.work / p) for p in parts)
-        if len(parts) == 1:
-            os.replace(self.work / parts[0], self.work / SINGLE_NAME)
+        groups: list[list[str]] = []
+        size = 0
+        for part in parts:  # consecutive units grouped into shards of up to shard_size bytes
+            nbytes = os.path.getsize(self.work / part)
+            if not groups or size + nbytes > self.shard_size:
+                groups.append([])
+                size = 0
+            groups[-1].append(part)
+            size += nbytes
+        merged = []
+        for i, group in enumerate(groups):
+            name = f"shard-{i:05d}.safetensors"
+            _merge_safetensors([self.work / p for p in group], self.work / name, self.metadata)
+            merged.append((name, [t for p in group for t in self.shards[p]]))
+        total = sum(os.path.getsize(self.work / name) for name, _ in merged)
+        if len(merged) == 1:
+            os.replace(self.work / merged[0][0], self.work / SINGLE_NAME)
         else:
             weight_map: dict[str, str] = {}
-            for i, part in enumerate(parts, start=1):
-                final = f"model-{i:05d}-of-{len(parts):05d}.safetensors"
-                os.replace(self.work / part, self.work / final)
-                weight_map.update({t: final for t in self.shards[part]})
+            for i, (name, tensors) in enumerate(merged, start=1):
+                final = f"model-{i:05d}-of-{len(merged):05d}.safetensors"
+                os.replace(self.work / name, self.work / final)
+                weight_map.update({t: final for t in tensors})
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (self.work / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         for item in Path(src).iterdir():  # tokenizer, generation config, ...: copied as they are
