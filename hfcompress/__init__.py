@@ -10,6 +10,7 @@ from .config import HfCompressConfig
 from .convert import convert_checkpoint
 from .formats import available_formats, get_format, register_format
 from .hub import model_card, push_to_hub, save_compressed
+from .kernels import inference_paths, set_inference_path
 from .oneshot import oneshot
 from .modules import CompressedConv2d, CompressedEmbedding, CompressedLinear, CompressedModule, compressed_modules
 from .quantizer import HfCompressQuantizer
@@ -34,6 +35,7 @@ __all__ = [
     "convert_checkpoint",
     "get_format",
     "get_method",
+    "inference_paths",
     "mark_compressed",
     "model_card",
     "oneshot",
@@ -41,4 +43,5 @@ __all__ = [
     "register_format",
     "register_method",
     "save_compressed",
+    "set_inference_path",
 ]

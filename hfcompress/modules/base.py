@@ -16,6 +16,7 @@ from torch import nn
 from ..algorithms import get_method
 from ..formats import format_for, get_format
 from ..formats.base import CompressedWeight, TensorSpec, check_tensors
+from ..kernels.select import dispatch as _dispatch_inference
 from ..spec import LayerSpec
 
 _INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -35,6 +36,12 @@ class CompressedModule(nn.Module):
         self._compressed_names: tuple[str, ...] = ()
         #: floating dtype of the dense weight this module replaces: sparse formats keep unquantized values in it
         self.value_dtype: torch.dtype | None = None
+        #: the prepared inference path (:mod:`hfcompress.kernels`), built at the first forward or by
+        #: ``hfcompress.set_inference_path``; ``_inference_request`` is what was asked for (``None``: the default)
+        self._inference_state = None
+        self._inference_request = None
+        self._register_state_dict_hook(_state_dict_with_released)
+        self._register_load_state_dict_pre_hook(_reset_before_load, with_module=True)
 
     # ------------------------------------------------------------------ geometry
     @property
@@ -55,6 +62,7 @@ class CompressedModule(nn.Module):
         """Install the compressed tensors (validated against the format) as buffers."""
         tensors = dict(tensors)
         tensors.setdefault("weight_shape", torch.tensor(self.dense_shape, dtype=torch.int64))
+        self._inference_state = None  # a prepared path belongs to the tensors being replaced
         check_tensors({k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}, self.expected_tensors(), where, self.format_name)
         for name in self._compressed_names:
             self._buffers.pop(name, None)
@@ -92,13 +100,34 @@ class CompressedModule(nn.Module):
         self.set_compressed(self.format.encode(cw, self.spec))
 
     def compressed_tensors(self) -> dict[str, torch.Tensor]:
-        return {name: self._buffers[name] for name in self._compressed_names}
+        out = {name: self._buffers[name] for name in self._compressed_names}
+        state = self.__dict__.get("_inference_state")
+        if state is not None and state.released:  # held in a kernel layout: rebuilt exactly
+            out.update(state.restore())
+        return out
 
     def weight_shape_tensor(self) -> torch.Tensor:
         return self._buffers["weight_shape"]
 
     def compressed_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.compressed_tensors().values())
+
+    # ------------------------------------------------------------------ inference paths
+    def reset_inference(self) -> None:
+        """Drop the prepared inference path, giving back any stored tensor it held; the next forward prepares again."""
+        state, self._inference_state = self.__dict__.get("_inference_state"), None
+        if state is not None:
+            for name, tensor in state.restore().items():
+                self._buffers[name] = tensor
+
+    def _inference(self, x: torch.Tensor):
+        """The prepared fast path for input ``x``, or ``None`` to decode for this call (see :mod:`hfcompress.kernels`)."""
+        return _dispatch_inference(self, x)
+
+    def _compute_weight(self, dtype: torch.dtype, prepared) -> torch.Tensor:
+        if prepared is not None and prepared.dense_weight is not None:
+            return prepared.dense_weight(dtype)
+        return self.dequantize_weight(dtype)
 
     # ------------------------------------------------------------------ decoding
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -122,6 +151,8 @@ class CompressedModule(nn.Module):
 
     # ------------------------------------------------------------------ dtype safety
     def _apply(self, fn, recurse=True):
+        # A prepared inference path is tied to a device and dtype: give its tensors back, prepare again when used.
+        self.reset_inference()
         # `.to(dtype)`, `.half()`, ... must move compressed tensors between devices but never re-round them:
         # apply `fn` to an integer view of each floating compressed buffer, then view it back. Only the
         # format's value tensors (kept values of sparse formats) are cast like a dense weight would be.
@@ -150,3 +181,17 @@ class CompressedModule(nn.Module):
         if s.sparse:
             parts.append(f"sparsity={s.effective_sparsity:g} ({s.sparsity_structure})")
         return ", ".join(parts)
+
+
+def _state_dict_with_released(module: CompressedModule, state_dict, prefix, local_metadata):
+    """State-dict hook: stored tensors a kernel path holds in its own layout are written as stored."""
+    state = module.__dict__.get("_inference_state")
+    if state is not None and state.released:
+        for name, tensor in state.restore().items():
+            state_dict[prefix + name] = tensor
+    return state_dict
+
+
+def _reset_before_load(module: CompressedModule, state_dict, prefix, *args) -> None:
+    """Load-state-dict pre-hook: put every stored tensor back in place so it can be loaded into."""
+    module.reset_inference()

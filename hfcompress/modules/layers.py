@@ -1,4 +1,8 @@
-"""Compressed twins of ``nn.Linear``, ``nn.Conv2d`` and ``nn.Embedding`` (reference decode-then-compute path)."""
+"""Compressed twins of ``nn.Linear``, ``nn.Conv2d`` and ``nn.Embedding``.
+
+Each forward asks :mod:`hfcompress.kernels` for its prepared inference path (an integer kernel, a decode-once
+cache) and otherwise decodes the weight for the call, the reference decode-then-compute path.
+"""
 
 from __future__ import annotations
 
@@ -30,7 +34,10 @@ class CompressedLinear(CompressedModule):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantize_weight(x.dtype), self.bias)
+        fast = self._inference(x)
+        if fast is not None and fast.run is not None:
+            return fast.run(x)
+        return F.linear(x, self._compute_weight(x.dtype, fast), self.bias)
 
 
 class CompressedConv2d(CompressedModule):
@@ -51,7 +58,7 @@ class CompressedConv2d(CompressedModule):
         return cls(module, spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantize_weight(x.dtype)
+        w = self._compute_weight(x.dtype, self._inference(x))
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return F.conv2d(x, w, self.bias, self.stride, 0, self.dilation, self.groups)
@@ -78,4 +85,4 @@ class CompressedEmbedding(CompressedModule):
         return self._out_dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.dequantize_weight(self._out_dtype), self.padding_idx)
+        return F.embedding(ids, self._compute_weight(self._out_dtype, self._inference(ids)), self.padding_idx)

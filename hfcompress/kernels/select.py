@@ -1,0 +1,293 @@
+"""Choosing and preparing the inference path of each compressed module.
+
+``auto`` picks, per module, by device, format and bits (first that applies):
+
+=============================================  =====================================================
+module                                         path
+=============================================  =====================================================
+Linear, format ``packed``, per-channel grid,   ``int8pack`` (one int8 matmul, 1 byte per weight)
+5-8 bits
+Linear, format ``packed``, 2-8 bits            ``int4pack`` (0.5 byte per weight up to 4 bits, 1 above)
+anything else: sparse formats (``bitmask``,    ``dequant_cache`` with ``prefer="speed"`` (decode once),
+``nm``), group sizes no kernel takes,          ``reference`` with ``prefer="memory"`` (decode on use)
+Conv2d, Embedding, devices without kernels
+=============================================  =====================================================
+
+Sparse formats whose kept values are quantized can also run ``int4pack``/``int8pack`` (pruned weights are
+zero codes in the kernel layout), chosen explicitly: the kernel layout then sits next to the stored tensors
+(it cannot replace them), and ``auto`` keeps their decode-once/decode-on-use numerics, which are the
+reference's bit for bit. Kernels on a device other than the CPU are checked against the reference on a random
+input when they are prepared (this project's CPU-only tests cannot exercise them) and ``auto`` falls back to
+the next candidate if one disagrees.
+
+Preparation happens when :func:`set_inference_path` is called, or lazily at a module's first forward (with
+the default set by :func:`set_default_inference_path`, initially ``"auto"`` or ``$HFCOMPRESS_INFERENCE_PATH``).
+While autograd records a forward whose input needs a gradient, kernel paths hand over to the differentiable
+reference path, so training adapters on a compressed model sees the reference numerics.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .base import Prepared, error_bound, get_path, registered_paths
+from .codes import KernelUnsupported, layout_cache
+
+AUTO = "auto"
+PREFERENCES = ("speed", "memory")
+
+
+@dataclass(frozen=True)
+class Request:
+    """What was asked for a module: a path name (or ``"auto"``) and how ``auto`` trades speed for memory."""
+
+    path: str = AUTO
+    prefer: str = "speed"
+    release: bool = True
+    verify: bool | None = None  # None: verify on devices other than the CPU
+
+
+def _check_request(path: str, prefer: str) -> None:
+    if not isinstance(path, str) or (path != AUTO and path not in registered_paths()):
+        raise ValueError(f"path={path!r} is not an inference path; use 'auto' or one of {sorted(registered_paths())}.")
+    if prefer not in PREFERENCES:
+        raise ValueError(f"prefer={prefer!r} is not supported; use 'speed' (decode once when no kernel fits) or 'memory'.")
+
+
+_DEFAULT = Request()
+_env = os.environ.get("HFCOMPRESS_INFERENCE_PATH")
+if _env:
+    try:
+        _check_request(_env, "speed")
+        _DEFAULT = Request(path=_env)
+    except ValueError as exc:
+        warnings.warn(f"Ignoring HFCOMPRESS_INFERENCE_PATH: {exc}", stacklevel=1)
+
+
+def set_default_inference_path(path: str = AUTO, prefer: str = "speed") -> None:
+    """The path modules use when :func:`set_inference_path` was not called for them (initially ``"auto"``)."""
+    global _DEFAULT
+    _check_request(path, prefer)
+    _DEFAULT = Request(path=path, prefer=prefer)
+
+
+def get_default_inference_path() -> Request:
+    return _DEFAULT
+
+
+# ----------------------------------------------------------------------------------------------- policy
+def candidates(module: nn.Module, device: torch.device, prefer: str = "speed") -> list[str]:
+    """Paths ``auto`` tries for ``module`` on ``device``, best first (``reference`` always last)."""
+    spec = module.spec
+    out: list[str] = []
+    if hasattr(module, "in_features") and spec.quantized and module.format_name == "packed":
+        per_channel = spec.group_size is None or spec.group_size >= module.shape2d[1]
+        out += ["int8pack", "int4pack"] if per_channel and spec.bits > 4 else ["int4pack", "int8pack"]
+    if prefer == "speed":
+        out.append("dequant_cache")
+    out.append("reference")
+    return out
+
+
+def _module_device(module: nn.Module) -> torch.device | None:
+    for t in module._buffers.values():
+        if isinstance(t, torch.Tensor):
+            return t.device
+    return None
+
+
+def _verify(module: nn.Module, prepared: Prepared, device: torch.device) -> str | None:
+    """Compare a prepared path with the reference on a random input; ``None`` when it agrees."""
+    if prepared.run is None:
+        return None
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    dtype = prepared.compute_dtype or torch.float32
+    x = torch.randn(3, module.shape2d[1], generator=gen).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        got = prepared.run(x).double()
+        w = module.dequantize_weight(torch.float64).reshape(module.shape2d)  # stored tensors are still in place
+        want = x.double() @ w.t()
+        if module.bias is not None:
+            want = want + module.bias.double()
+    bound = error_bound(x, w, dtype, module.bias)
+    if not torch.isfinite(got).all() or bool(((got - want).abs() > bound + 1e-6).any()):
+        return f"{prepared.path} disagrees with the reference beyond its error bound on {device}"
+    return None
+
+
+def prepare(module: nn.Module, request: Request, device: torch.device, dtype: torch.dtype | None = None) -> Prepared:
+    """Prepare ``request`` for one module on ``device`` and install it (``module._inference_state``)."""
+    module.reset_inference()
+    verify = request.verify if request.verify is not None else device.type != "cpu"
+    names = [request.path] if request.path != AUTO else candidates(module, device, request.prefer)
+    reasons = []
+    for name in names:
+        path = get_path(name)
+        reason = path.unsupported(module, device)
+        if reason is None:
+            try:
+                prepared = path.prepare(module, device, release=request.release, dtype=dtype)
+            except (KernelUnsupported, RuntimeError, NotImplementedError) as exc:
+                reason = f"{name}: {exc}"
+            else:
+                reason = _verify(module, prepared, device) if verify else None
+                if reason is None:
+                    _install(module, prepared)
+                    return prepared
+        reasons.append(reason)
+        if request.path != AUTO:
+            raise KernelUnsupported(reason)
+    raise KernelUnsupported("; ".join(reasons))  # unreachable: reference always applies
+
+
+def _install(module: nn.Module, prepared: Prepared) -> None:
+    for name in prepared.released:
+        module._buffers[name] = None
+    module._inference_state = prepared
+
+
+# ----------------------------------------------------------------------------------------------- hot path
+def dispatch(module: nn.Module, x: torch.Tensor) -> Prepared | None:
+    """The prepared path for this call (preparing it on first use), or ``None`` to run the reference code."""
+    state = module.__dict__.get("_inference_state")
+    if state is None or state.device != x.device:
+        state = _lazy_prepare(module, x)
+    if state is None or state.is_reference:
+        return None
+    if "dequantize_weight" in module.__dict__:  # someone controls decoding (e.g. the calibration pipeline)
+        return None
+    if not state.differentiable and x.requires_grad and torch.is_grad_enabled():
+        return None
+    return state
+
+
+def _lazy_prepare(module: nn.Module, x: torch.Tensor) -> Prepared | None:
+    if _module_device(module) != x.device or x.device.type == "meta":
+        return None  # weights elsewhere (offloading hooks move them per call): decode per call
+    hook = getattr(module, "_hf_hook", None)
+    if hook is not None and getattr(hook, "offload", False):
+        return None
+    request = module.__dict__.get("_inference_request") or _DEFAULT
+    dtype = x.dtype if x.is_floating_point() else None
+    try:
+        return prepare(module, request, x.device, dtype=dtype)
+    except KernelUnsupported as exc:
+        warnings.warn(
+            f"inference path {request.path!r} cannot run {type(module).__name__} {module.extra_repr()} on {x.device}: "
+            f"{exc}; using 'auto' for it.",
+            stacklevel=3,
+        )
+        return prepare(module, Request(prefer=request.prefer, release=request.release), x.device, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------- public API
+def _targets(model: nn.Module, modules) -> dict[str, nn.Module]:
+    from ..modules import CompressedModule, compressed_modules
+
+    found = {"": model} if isinstance(model, CompressedModule) else compressed_modules(model)
+    if modules is not None:
+        pats = [modules] if isinstance(modules, str) else list(modules)
+        found = {
+            n: m
+            for n, m in found.items()
+            if any(re.search(p[3:], n) if p.startswith("re:") else (n == p or n.endswith("." + p)) for p in pats)
+        }
+    return found
+
+
+def set_inference_path(
+    model: nn.Module,
+    path: str = AUTO,
+    *,
+    prefer: str = "speed",
+    modules: str | list[str] | None = None,
+    release: bool = True,
+    verify: bool | None = None,
+    dtype: torch.dtype | None = None,
+) -> dict[str, str]:
+    """Choose how the compressed modules of ``model`` compute their forward, and prepare them now.
+
+    Args:
+        model: a model holding compressed modules (or one compressed module).
+        path: ``"auto"`` (best per module by device, format and bits), or one of ``"reference"`` (decode per
+            call), ``"dequant_cache"`` (decode once, keep the dense weight), ``"int4pack"``, ``"int8pack"``.
+        prefer: for ``auto``: ``"speed"`` decodes once where no integer kernel fits; ``"memory"`` never keeps
+            more than the stored tensors (decodes those layers on every call).
+        modules: only these modules: names, name suffixes or ``"re:<regex>"`` (default: all).
+        release: let integer kernels hold the only copy of the codes (``state_dict``, saving and
+            ``dequantize_weight`` rebuild the stored tensors exactly). ``False`` keeps both.
+        verify: check each prepared kernel against the reference on a random input (default: on non-CPU devices).
+        dtype: compute dtype, for decode-once paths to decode right away (default: at the first forward).
+
+    Returns:
+        ``{module name: chosen path}``.
+
+    Raises:
+        ValueError: an explicit ``path`` cannot serve some module (nothing is changed then).
+    """
+    _check_request(path, prefer)
+    targets = _targets(model, modules)
+    if not targets:
+        raise ValueError(
+            "set_inference_path found no compressed module"
+            + (f" matching modules={modules!r}" if modules is not None else " in the model; compress it first")
+            + "."
+        )
+    request = Request(path=path, prefer=prefer, release=release, verify=verify)
+    devices = {name: _module_device(m) for name, m in targets.items()}
+    if path != AUTO:
+        bad = {}
+        for name, m in targets.items():
+            if devices[name] is not None and devices[name].type != "meta":
+                reason = get_path(path).unsupported(m, devices[name])
+                if reason:
+                    bad[name or type(m).__name__] = reason
+        if bad:
+            listed = "; ".join(f"{n}: {r}" for n, r in list(bad.items())[:3])
+            raise ValueError(
+                f"path={path!r} cannot run {len(bad)} of {len(targets)} compressed modules ({listed}"
+                f"{'; ...' if len(bad) > 3 else ''}). Use path='auto', or pass modules=[...] to set it where it applies."
+            )
+    chosen = {}
+    previous = {name: m.__dict__.get("_inference_request") for name, m in targets.items()}
+    try:
+        with layout_cache(), torch.no_grad():
+            for name, m in targets.items():
+                m._inference_request = request
+                device = devices[name]
+                if device is None or device.type == "meta":
+                    m.reset_inference()
+                    chosen[name] = "(at first forward)"
+                    continue
+                chosen[name] = prepare(m, request, device, dtype=dtype).path
+    except KernelUnsupported as exc:
+        for name, m in targets.items():  # back to what was asked before; paths prepare again at first forward
+            m.reset_inference()
+            m._inference_request = previous[name]
+        raise ValueError(f"path={path!r} could not be prepared: {exc}. Use path='auto'.") from None
+    return chosen
+
+
+def inference_paths(model: nn.Module) -> dict[str, str]:
+    """``{module name: prepared path}`` (``"(at first forward)"`` for modules not prepared yet)."""
+    out = {}
+    for name, m in _targets(model, None).items():
+        state = m.__dict__.get("_inference_state")
+        out[name] = state.path if state is not None else "(at first forward)"
+    return out
+
+
+def inference_nbytes(model: nn.Module) -> dict[str, int]:
+    """Resident bytes of the compressed modules: stored tensors still held plus what their paths keep."""
+    stored = kernel = 0
+    for m in _targets(model, None).values():
+        stored += sum(t.numel() * t.element_size() for n, t in m._buffers.items() if n in m._compressed_names and t is not None)
+        state = m.__dict__.get("_inference_state")
+        kernel += state.nbytes() if state is not None else 0
+    return {"stored": stored, "kernel": kernel, "total": stored + kernel}
