@@ -43,7 +43,7 @@ from ..formats.base import CompressedWeight
 from ..modules import CompressedModule, compressed_twin, set_submodule
 from ..spec import LayerSpec
 from .blocks import BlockInputs, capture_block_inputs, find_blocks, first_tensor, model_call_kwargs
-from .stats import InputRecorder, LayerStats, StatsCollector
+from .stats import InputRecorder, LayerStats, StatsCollector, StopPass
 
 logger = logging.getLogger("hfcompress.calibration")
 
@@ -346,6 +346,7 @@ def run_calibration(
                     for stage in stages:
                         modules = {n: model.get_submodule(n) for n in stage}
                         with StatsCollector(modules, needs) as collector, _decoded_stand_ins(model, run.replaced, twins) as stand_ins:
+                            collector.stop_early = True  # the block's output is not needed in this pass
                             for b, h in enumerate(hidden):
                                 if use_dense:
                                     collector.active = False
@@ -354,7 +355,12 @@ def run_calibration(
                                     if stage is stages[0]:
                                         next_dense.append(out)
                                     collector.reference, collector.active = rec.inputs, True
-                                block_inputs.call(block, i, b, h)
+                                collector.start_pass()
+                                try:
+                                    block_inputs.call(block, i, b, h)
+                                except StopPass:
+                                    pass
+                                collector.end_pass()
                                 collector.reference = {}
                         twins.update(run.compress_modules(stage, collector))
                         del collector

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["InputRecorder", "LayerStats", "StatsCollector", "identity_stats", "layer_inputs_2d"]
+__all__ = ["InputRecorder", "LayerStats", "StopPass", "StatsCollector", "identity_stats", "layer_inputs_2d"]
 
 
 @dataclass
@@ -87,6 +87,10 @@ def layer_inputs_2d(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).float()
 
 
+class StopPass(Exception):
+    """Raised by a collector hook once every statistic of the current forward pass has been gathered."""
+
+
 class _Accumulator:
     __slots__ = ("xtx", "sq", "cross", "n")
 
@@ -123,6 +127,8 @@ class StatsCollector:
         self.reference: dict[str, torch.Tensor] = {}
         #: hooks do nothing while False (the pipeline's dense passes)
         self.active = True
+        #: raise :class:`StopPass` after the last hooked module of a pass (the rest of the block is not needed)
+        self.stop_early = False
 
     # ------------------------------------------------------------------ hooks
     def __enter__(self) -> "StatsCollector":
@@ -144,12 +150,30 @@ class StatsCollector:
         self.reference = {}
 
 
+    # ------------------------------------------------------------------ stopping a pass early
+    def start_pass(self) -> None:
+        """Call before each forward pass: enables :meth:`stop_after_last` once the call order is known."""
+        self._calls_this_pass: list[str] = []
+
+    def end_pass(self) -> None:
+        """Call after each forward pass; the first complete pass fixes the call order."""
+        calls = getattr(self, "_calls_this_pass", None)
+        if calls is not None and getattr(self, "_stop_at", None) is None and not getattr(self, "_order_known", False):
+            self._order_known = True
+            if calls and len(set(calls)) == len(calls) == len(self._handles):  # every module once per pass
+                self._stop_at = calls[-1]
+
     def _make_hook(self, name: str):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0] if args else None
             if not self.active or not isinstance(x, torch.Tensor):
                 return
             self._accumulate(name, module, x)
+            calls = getattr(self, "_calls_this_pass", None)
+            if calls is not None:
+                calls.append(name)
+            if self.stop_early and name == getattr(self, "_stop_at", None):
+                raise StopPass  # nothing after the last hooked module matters for the statistics
 
         return hook
 
