@@ -36,8 +36,12 @@ QUANTEASE_DEFAULTS: dict[str, Any] = {**GPTQ_DEFAULTS, "sweeps": 5, "cd_damp": 0
 
 
 def dense_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.Tensor:
-    """``W* = W G (H + lambda I)^-1``: the weight whose output on the compressed model's inputs best matches
-    the dense model's output (``G = 2/n sum xd x^T``); float64."""
+    """The weight whose output on the compressed model's inputs best matches the dense model's output.
+
+    ``min_W* |W* X - W Xd|^2`` is solved by ``W* = W G H^-1`` (``G = 2/n sum xd x^T``). Written as the
+    correction ``W* = W + W (G - H) (H + lambda I)^-1``, dampening shrinks only the correction, never the
+    weight itself: without upstream error (``G = H``) the target is exactly ``W``. Float64.
+    """
     w, h, dead = prepare_hessian(weight, hessian)
     g = cross.to(torch.float64)
     lam = max(damp, 1e-8) * torch.diagonal(h).mean()
@@ -45,8 +49,9 @@ def dense_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tenso
     chol, info = torch.linalg.cholesky_ex(hd)
     if info != 0:
         return w
-    # W* = W G Hd^-1  <=>  W*^T = Hd^-1 G^T W^T
-    target = torch.cholesky_solve(g.t() @ w.t(), chol).t()
+    # correction^T = Hd^-1 (G - H)^T W^T
+    correction = torch.cholesky_solve((g - h).t() @ w.t(), chol).t()
+    target = w + correction
     target[:, dead] = 0.0
     return target.contiguous()
 
@@ -109,9 +114,10 @@ def refine_quantization(
                 what_t[j] = new_val
                 d_block[j - b1] = delta
                 p_t[b1:b2].addr_(h[b1:b2, j], delta, alpha=-1)
-            if b1 > 0 or b2 < cols:
-                rest = torch.cat([torch.arange(0, b1), torch.arange(b2, cols)])
-                p_t[rest] -= h[rest, b1:b2] @ d_block
+            if b1 > 0:
+                p_t[:b1].addmm_(h[:b1, b1:b2], d_block, alpha=-1)
+            if b2 < cols:
+                p_t[b2:].addmm_(h[b2:, b1:b2], d_block, alpha=-1)
         if not refine_scales:
             continue
         # ---- scales: exact per-(row, group) minimiser, groups in turn
@@ -131,7 +137,7 @@ def refine_quantization(
             delta = c * moved  # [g, rows] change of W'
             s_t[a:b] = new.double()
             what_t[a:b] += delta
-            p_t -= h[:, a:b] @ delta
+            p_t.addmm_(h[:, a:b], delta, alpha=-1)
     out_codes = ct.t().round().clamp(0, maxq).to(torch.uint8).contiguous()
     return QuantizedWeight(codes=out_codes, scale=scale, zero=q.zero, bits=bits, group_size=gs)
 
