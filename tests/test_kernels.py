@@ -309,3 +309,18 @@ def test_conv_and_embedding_decode_once_or_on_use():
 
 def test_rtol_table_is_the_documented_one():
     assert RTOL[torch.bfloat16] == 2.0**-6 and RTOL[torch.float32] == 2.0**-16
+
+
+def test_verification_rejects_a_wrong_kernel(monkeypatch):
+    """What guards the GPU kernels (not runnable here): a prepared kernel that disagrees with the reference is
+    refused and ``auto`` moves on; an explicit request fails."""
+    from hfcompress.kernels import int4pack
+
+    m = _linear(LayerSpec(bits=4, group_size=32), 32, 64)
+    assert set_inference_path(m, "auto", verify=True) == {"": "int4pack"}  # the real kernel passes
+    wrong = lambda x, w, g, sz: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, g, sz) * 1.1  # noqa: E731
+    monkeypatch.setattr(int4pack, "_mm", lambda device_type: wrong)
+    assert set_inference_path(m, "auto", verify=True) == {"": "dequant_cache"}
+    with pytest.raises(ValueError, match="disagrees with the reference"):
+        set_inference_path(m, "int4pack", verify=True)
+    assert set_inference_path(m, "int4pack") == {"": "int4pack"}  # unverified on the CPU by default

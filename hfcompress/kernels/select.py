@@ -136,7 +136,10 @@ def prepare(module: nn.Module, request: Request, device: torch.device, dtype: to
             except (KernelUnsupported, RuntimeError, NotImplementedError) as exc:
                 reason = f"{name}: {exc}"
             else:
-                reason = _verify(module, prepared, device) if verify else None
+                try:
+                    reason = _verify(module, prepared, device) if verify else None
+                except (RuntimeError, NotImplementedError) as exc:  # e.g. an op without a kernel for this device
+                    reason = f"{name}: {exc}"
                 if reason is None:
                     _install(module, prepared)
                     return prepared
