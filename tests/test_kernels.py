@@ -289,22 +289,30 @@ def test_default_path_applies_at_first_forward():
         set_default_inference_path(previous.path, previous.prefer)
 
 
-def test_conv_and_embedding_decode_once_or_on_use():
+def test_conv_decodes_once_or_on_use_and_embeddings_gather_rows():
     conv = nn.Conv2d(4, 8, 3, padding=1)
     cc = CompressedConv2d(conv, LayerSpec(bits=4, group_size=None))
     cc.compress_(conv.weight)
-    emb = nn.Embedding(50, 32)
-    ce = CompressedEmbedding(emb, LayerSpec(bits=4, group_size=32))
-    ce.compress_(emb.weight)
-    x, ids = torch.randn(1, 4, 6, 6), torch.randint(0, 50, (2, 5))
-    for module, inp in ((cc, x), (ce, ids)):
-        assert set_inference_path(module, "auto") == {"": "dequant_cache"}
+    x = torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        assert set_inference_path(cc, "auto") == {"": "dequant_cache"}
+        cached = cc(x)
+        assert set_inference_path(cc, "auto", prefer="memory") == {"": "reference"}
+        assert torch.equal(cc(x), cached)
+    with pytest.raises(ValueError, match="runs Linear layers"):
+        set_inference_path(cc, "int4pack")
+    for spec in (LayerSpec(bits=4, group_size=32), LayerSpec(bits=3, group_size=None, symmetric=False)):
+        emb = nn.Embedding(50, 40)
+        ce = CompressedEmbedding(emb, spec)
+        ce.compress_(emb.weight)
+        ids = torch.tensor([[3, 7, 3, 49], [0, 7, 7, 12]])
         with torch.no_grad():
-            cached = module(inp)
-            assert set_inference_path(module, "auto", prefer="memory") == {"": "reference"}
-            assert torch.equal(module(inp), cached)
+            ref = ce(ids) if set_inference_path(ce, "reference") else None
+            for prefer in ("speed", "memory"):
+                assert set_inference_path(ce, "auto", prefer=prefer) == {"": "gather_rows"}
+                assert torch.equal(ce(ids), ref)  # only rows 0, 3, 7, 12, 49 decoded, same values
         with pytest.raises(ValueError, match="runs Linear layers"):
-            set_inference_path(module, "int4pack")
+            set_inference_path(ce, "int4pack")
 
 
 def test_rtol_table_is_the_documented_one():

@@ -1,25 +1,27 @@
 """Fast inference of compressed modules: forward paths chosen per module by device, format and bits.
 
-=================  ==============================================================  =========================
-path               what runs                                                       error bound (vs exact)
-=================  ==============================================================  =========================
-``reference``      decode the stored tensors on every call, then the dense op      the dense op's
-                   (decode-on-use; no memory beyond the stored tensors)
-``dequant_cache``  decode once, keep the dense weight (decode-once)                identical to ``reference``
-``int4pack``       PyTorch's packed-int4 tinygemm kernels (CPU, CUDA), codes of    ``2**-6 * (|x| @ |W|^T + |b|)``
-                   2-8 bits (one or two nibble planes), any ``group_size`` that
-                   is a multiple of 32, ragged last groups exact
-``int8pack``       PyTorch's int8 weight-only matmul (CPU, CUDA), per-channel      ``2**-6 * (|x| @ |W|^T + |b|)``
-                   scales, codes of 2-8 bits
-=================  ==============================================================  =========================
+* ``reference``: decode the stored tensors on every call, then the dense op (decode-on-use; no memory beyond
+  the stored tensors). Any module, any device.
+* ``dequant_cache``: decode once and keep the dense weight (decode-once); identical to ``reference`` bit for
+  bit, fastest prefill, dense memory. Any module, any device.
+* ``int4pack``: PyTorch's packed-int4 tinygemm kernels (CPU, CUDA) for Linear layers with codes of 2-8 bits
+  (one or two nibble planes), any ``group_size`` that is a multiple of 32, ragged last groups exact. Holds the
+  only copy of the codes (``packed`` format, CPU).
+* ``int8pack``: PyTorch's int8 weight-only matmul (CPU, CUDA) for Linear layers with per-channel scales, codes
+  of 2-8 bits.
+* ``gather_rows``: Embedding layers (format ``packed``) decode only the looked-up rows; exact.
 
 ``auto`` (the default) picks the best path for each module (see :mod:`.select`). Choose explicitly with
-:func:`set_inference_path`; inspect with :func:`inference_paths`. The bound is on ``|y - x @ W^T|`` with ``W`` the
-exact decoded weight: bfloat16 compute (the integer kernels) rounds the input, the scales and the result once
-each (``3 * 2**-8``); float32 compute only accumulates.
+:func:`set_inference_path`; inspect with :func:`inference_paths`.
+
+Exactness contract: with ``W`` the exact decoded weight and ``b`` the bias, every path satisfies
+``|y - (x @ W^T + b)| <= RTOL[c] * (|x| @ |W|^T + |b|)`` elementwise (float64 reference), ``c`` the compute
+dtype: bfloat16 for the integer kernels (they round the input, the scales and the result once each:
+``3 * 2**-8 < RTOL = 2**-6``), the input's dtype for ``reference``/``dequant_cache``
+(:func:`~hfcompress.kernels.base.error_bound`).
 """
 
-from . import dequant_cache, int4pack, int8pack, reference  # noqa: F401  (register the paths)
+from . import dequant_cache, gather_rows, int4pack, int8pack, reference  # noqa: F401  (register the paths)
 from .base import RTOL, InferencePath, Prepared, error_bound, get_path, register_path, registered_paths
 from .codes import KernelUnsupported
 from .select import (

@@ -8,9 +8,10 @@ module                                         path
 Linear, format ``packed``, per-channel grid,   ``int8pack`` (one int8 matmul, 1 byte per weight)
 5-8 bits
 Linear, format ``packed``, 2-8 bits            ``int4pack`` (0.5 byte per weight up to 4 bits, 1 above)
+Embedding, format ``packed``                   ``gather_rows`` (decode only the rows looked up)
 anything else: sparse formats (``bitmask``,    ``dequant_cache`` with ``prefer="speed"`` (decode once),
 ``nm``), group sizes no kernel takes,          ``reference`` with ``prefer="memory"`` (decode on use)
-Conv2d, Embedding, devices without kernels
+Conv2d, devices without kernels
 =============================================  =====================================================
 
 Sparse formats whose kept values are quantized can also run ``int4pack``/``int8pack`` (pruned weights are
@@ -89,6 +90,8 @@ def candidates(module: nn.Module, device: torch.device, prefer: str = "speed") -
     if hasattr(module, "in_features") and spec.quantized and module.format_name == "packed":
         per_channel = spec.group_size is None or spec.group_size >= module.shape2d[1]
         out += ["int8pack", "int4pack"] if per_channel and spec.bits > 4 else ["int4pack", "int8pack"]
+    if hasattr(module, "num_embeddings") and module.format_name == "packed":
+        out.append("gather_rows")  # exact, no memory, touches only the rows looked up
     if prefer == "speed":
         out.append("dequant_cache")
     out.append("reference")

@@ -85,4 +85,7 @@ class CompressedEmbedding(CompressedModule):
         return self._out_dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self._compute_weight(self._out_dtype, self._inference(ids)), self.padding_idx)
+        fast = self._inference(ids)
+        if fast is not None and fast.run is not None:
+            return fast.run(ids)
+        return F.embedding(ids, self._compute_weight(self._out_dtype, fast), self.padding_idx)
