@@ -45,6 +45,12 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process (all threads): on a shared machine, closer to what the work costs alone."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 # ---------------------------------------------------------------------- hfcompress worker
 def run_hfcompress(spec: dict) -> dict:
     import torch
@@ -57,19 +63,23 @@ def run_hfcompress(spec: dict) -> dict:
 
     path = real_model_path("smollm2")
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    # calibration runs in the dtype the model is loaded in; evaluation always in float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, spec["calib_dtype"]))
     windows = torch.load(spec["windows"])
     seconds = 0.0
     if spec["method"] != "dense":
         config = hfcompress.HfCompressConfig(
             method=spec["method"], bits=spec["bits"], group_size=spec["group_size"], symmetric=True
         )
-        start = time.perf_counter()
+        cpu0, start = _cpu_seconds(), time.perf_counter()
         hfcompress.oneshot(model, config, windows, batch_size=spec["batch_size"], show_progress=False)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu0
+    else:
+        cpu = 0.0
     rss = _peak_rss_gb()
+    model.to(torch.float32)  # compressed tensors keep their stored dtypes; bf16 weights upcast exactly
     ppl = perplexity(model, tok, wikitext2_test_text(), seq_len=2048, max_windows=spec["windows_eval"])
-    return {"ppl": ppl, "seconds": seconds, "rss_gb": rss}
+    return {"ppl": ppl, "seconds": seconds, "cpu_s": cpu, "rss_gb": rss}
 
 
 # ---------------------------------------------------------------------- llm-compressor worker (its own venv)
@@ -82,7 +92,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 spec = json.loads(sys.argv[1])
 model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
 tok = AutoTokenizer.from_pretrained(spec["model"])
-seconds = 0.0
+seconds = cpu = 0.0
+def cpu_seconds():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 if spec["method"] != "dense":
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
@@ -93,10 +106,10 @@ if spec["method"] != "dense":
               "strategy": "group", "group_size": spec["group_size"]}}}
     cls = GPTQModifier if spec["method"] == "gptq" else QuantizationModifier
     recipe = cls(config_groups=groups, ignore=["lm_head"])
-    start = time.perf_counter()
+    cpu0, start = cpu_seconds(), time.perf_counter()
     oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=windows.shape[1],
             num_calibration_samples=windows.shape[0], shuffle_calibration_samples=False)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu0
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 text = open(spec["wikitext"], encoding="utf-8").read()
 ids = tok(text, return_tensors="pt").input_ids[0]
@@ -107,7 +120,7 @@ with torch.no_grad():
         logits = model(window).logits.float()
         nll += torch.nn.functional.cross_entropy(logits[0, :-1], window[0, 1:], reduction="sum").item()
         count += 2047
-print("RESULT " + json.dumps({"ppl": math.exp(nll / count), "seconds": seconds, "rss_gb": rss}), flush=True)
+print("RESULT " + json.dumps({"ppl": math.exp(nll / count), "seconds": seconds, "cpu_s": cpu, "rss_gb": rss}), flush=True)
 '''
 
 
@@ -128,15 +141,19 @@ def _parse(config: str, group_size: int) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="dense and/or method:bits, e.g. gptq:4")
+    ap.add_argument("--configs", nargs="*", default=DEFAULT_CONFIGS, help="dense and/or method:bits, e.g. gptq:4")
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--num-samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--windows", type=int, default=16, help="WikiText-2 windows of 2048 tokens")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument(
+        "--calib-dtype", default="float32", choices=["float32", "bfloat16"],
+        help="dtype our calibration forward passes run in (the checkpoint is bf16); evaluation is always float32",
+    )
     ap.add_argument("--lc-python", default=None, help="python of a venv with llmcompressor installed")
-    ap.add_argument("--lc-configs", nargs="+", default=["dense", "rtn:4", "gptq:4", "gptq:3"])
+    ap.add_argument("--lc-configs", nargs="*", default=["gptq:4", "gptq:3", "rtn:4"])
     ap.add_argument("--json", default=None, help="also write the results to this file")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -159,9 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_quant-"))
     windows_file = tmp / "calibration_windows.pt"
     torch.save(batches[0]["input_ids"], windows_file)
-    common = {"windows": str(windows_file), "windows_eval": args.windows, "batch_size": args.batch_size}
+    common = {"windows": str(windows_file), "windows_eval": args.windows, "batch_size": args.batch_size, "calib_dtype": args.calib_dtype}
     print(
-        f"SmolLM2-135M (bf16 weights, fp32 compute); calibration {args.num_samples} x {args.seq_len} tokens of Wikipedia "
+        f"SmolLM2-135M (bf16 weights; our calibration in {args.calib_dtype}, evaluation in float32); calibration {args.num_samples} x {args.seq_len} tokens of Wikipedia "
         f"summaries, seed {args.seed}; WikiText-2 test ppl over {args.windows} x 2048 tokens; {os.cpu_count()} CPU cores, "
         f"load average at start {os.getloadavg()[0]:.1f}",
         flush=True,
@@ -171,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         spec = {**_parse(config, args.group_size), **common}
         ours[config] = _spawn([sys.executable, __file__, "--worker", json.dumps(spec)])
         r = ours[config]
-        print(f"  hfcompress {config:14s} ppl {r['ppl']:8.3f}  {r['seconds']:7.1f} s  {r['rss_gb']:.2f} GB", flush=True)
+        print(f"  hfcompress {config:14s} ppl {r['ppl']:8.3f}  {r['seconds']:7.1f} s ({r['cpu_s']:.0f} CPU s)  {r['rss_gb']:.2f} GB", flush=True)
 
     lc: dict[str, dict] = {}
     lc_label = "llm-compressor 0.14, figures from the issue (same machine type, not this run)"
@@ -184,32 +201,46 @@ def main(argv: list[str] | None = None) -> None:
             spec = {**_parse(config, args.group_size), **common, "model": str(path), "wikitext": str(wikitext2_test_path())}
             lc[config] = _spawn([args.lc_python, str(script), json.dumps(spec)], env=env)
             r = lc[config]
-            print(f"  llm-compressor {config:10s} ppl {r['ppl']:8.3f}  {r['seconds']:7.1f} s  {r['rss_gb']:.2f} GB", flush=True)
+            print(f"  llm-compressor {config:10s} ppl {r['ppl']:8.3f}  {r['seconds']:7.1f} s ({r['cpu_s']:.0f} CPU s)  {r['rss_gb']:.2f} GB", flush=True)
     else:
         lc = LC_REFERENCE
 
     dense = ours.get("dense", {}).get("ppl")
-    lc_dense = lc.get("dense", {}).get("ppl")
+    lc_dense = lc.get("dense", {}).get("ppl") or dense
     print(
-        f"\nInt weights, group size {args.group_size}, symmetric. 'x dense' divides by the same library's dense ppl; "
-        f"'vs' names the llm-compressor result each row is compared with ({lc_label})."
+        f"\nInt weights, group size {args.group_size}, symmetric. 'x dense' divides by the dense ppl of the same "
+        f"library ({'measured here with our evaluation for llm-compressor too' if args.lc_python else 'issue figure for llm-compressor'}); "
+        f"'vs' names the llm-compressor result each row is compared with ({lc_label}). Time is wall clock; "
+        f"CPU s is the process CPU time, the fairer figure on a shared machine (load average now "
+        f"{os.getloadavg()[0]:.1f})."
     )
     header = (
-        f"{'config':14s} {'ppl':>8s} {'x dense':>8s} {'time s':>8s} {'RSS GB':>7s} | {'vs':>8s} {'LC ppl':>7s} "
-        f"{'LC x dense':>10s} {'ours/LC':>8s} {'time/LC':>8s} {'RSS/LC':>7s}"
+        f"{'config':13s} {'ppl':>7s} {'x dense':>7s} {'time s':>7s} {'CPU s':>6s} {'RSS GB':>6s} | {'vs':>6s} "
+        f"{'LC ppl':>7s} {'LC x dense':>10s} {'ratio/LC':>8s} {'time/LC':>7s} {'CPU/LC':>6s} {'RSS/LC':>6s}"
     )
     print(header)
     print("-" * len(header))
+
+    def fmt(value: float | None, width: int, digits: int) -> str:
+        return f"{value:{width}.{digits}f}" if value is not None else " " * width
+
     for config, r in ours.items():
-        ratio = r["ppl"] / dense if dense else float("nan")
-        line = f"{config:14s} {r['ppl']:8.3f} {ratio:8.3f} {r['seconds']:8.1f} {r['rss_gb']:7.2f} |"
+        ratio = r["ppl"] / dense if dense else None
+        line = (
+            f"{config:13s} {r['ppl']:7.3f} {fmt(ratio, 7, 3)} {r['seconds']:7.1f} {r.get('cpu_s', 0):6.0f} "
+            f"{r['rss_gb']:6.2f} |"
+        )
         ref_name = config if config in lc or config.startswith("rtn") else "gptq:" + config.partition(":")[2]
         ref = lc.get(ref_name)
         if ref and lc_dense and config != "dense":
             lc_ratio = ref["ppl"] / lc_dense
-            line += f" {ref_name:>8s} {ref['ppl']:7.2f} {lc_ratio:10.3f} {ratio / lc_ratio:8.3f}"
-            line += f" {r['seconds'] / ref['seconds']:8.2f}" if ref.get("seconds") else f" {'':8s}"
-            line += f" {r['rss_gb'] / ref['rss_gb']:7.2f}" if ref.get("rss_gb") else ""
+            time_ratio = r["seconds"] / ref["seconds"] if ref.get("seconds") else None
+            cpu_ratio = r.get("cpu_s", 0) / ref["cpu_s"] if ref.get("cpu_s") else None
+            rss_ratio = r["rss_gb"] / ref["rss_gb"] if ref.get("rss_gb") else None
+            line += (
+                f" {ref_name:>6s} {ref['ppl']:7.2f} {lc_ratio:10.3f} {fmt(ratio / lc_ratio if ratio else None, 8, 3)} "
+                f"{fmt(time_ratio, 7, 2)} {fmt(cpu_ratio, 6, 2)} {fmt(rss_ratio, 6, 2)}"
+            )
         print(line)
     if args.json:
         Path(args.json).write_text(json.dumps({"ours": ours, "lc": lc, "lc_label": lc_label, "args": vars(args)}, indent=2))

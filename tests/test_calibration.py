@@ -188,6 +188,20 @@ def test_linear_statistics_and_shared_inputs():
     assert only_sq.stats("a").hessian is None and only_sq.stats("a").act_sq is not None
 
 
+def test_bfloat16_inputs_give_close_statistics():
+    lin = nn.Linear(64, 8).bfloat16()
+    xs = [torch.randn(4, 128, 64).bfloat16() for _ in range(4)]
+    with StatsCollector({"l": lin}, {"hessian", "act_sq"}) as col:
+        for x in xs:
+            lin(x)
+    x2 = torch.cat([x.reshape(-1, 64) for x in xs]).double()  # the exact products of the same bf16 inputs
+    ref = 2 * x2.t() @ x2 / x2.shape[0]
+    s = col.stats("l")
+    assert s.hessian.dtype == torch.float32 and s.nsamples == 4 * 4 * 128
+    assert (s.hessian.double() - ref).abs().max() < 4e-3 * ref.diagonal().max()
+    torch.testing.assert_close(s.act_sq.double(), x2.pow(2).sum(0), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize(
     "conv",
     [

@@ -1,8 +1,9 @@
 """The layer-by-layer calibration pipeline behind :func:`hfcompress.oneshot`.
 
 Contract with calibrated methods (see :mod:`hfcompress.algorithms`): a method declares the statistics it
-``needs`` (``"hessian"``, ``"act_sq"``) and a ``compress_layer(weight2d, stats, spec, method_args)`` that
-returns a :class:`~hfcompress.formats.base.CompressedWeight`. The pipeline
+``needs`` (``"hessian"``, ``"act_sq"``, ``"dense_cross"``; see :mod:`.stats`) and a
+``compress_layer(weight2d, stats, spec, method_args)`` that returns a
+:class:`~hfcompress.formats.base.CompressedWeight`. The pipeline
 
 1. finds the model's block list (:func:`~hfcompress.calibration.blocks.find_blocks`) and records what
    the blocks receive for every calibration batch, running only the layers before the first block;
@@ -12,7 +13,10 @@ returns a :class:`~hfcompress.formats.base.CompressedWeight`. The pipeline
    module's :class:`~hfcompress.spec.LayerSpec`), installs the result as a compressed twin
    (:func:`~hfcompress.modules.compressed_twin` + ``set_compressed_weight``), then re-runs the block with
    the compressed weights to produce the next block's inputs, so quantization errors propagate as in
-   GPTQ's sequential mode. ``true_sequential=True`` additionally calibrates the modules *inside* a block
+   GPTQ's sequential mode. Statistics passes stop right after the last hooked module; re-runs compute
+   with each compressed weight decoded once (the original module holds it meanwhile), which is exactly
+   the reference arithmetic of the compressed modules. For ``"dense_cross"`` the block also runs on the
+   uncompressed model's hidden states, which the pipeline carries along. ``true_sequential=True`` additionally calibrates the modules *inside* a block
    in the order they run (q/k/v, then o, then gate/up, then down), each on inputs produced by the
    already-compressed modules before it; it costs one extra block pass per stage;
 3. targeted modules outside the blocks are calibrated as well: those running before the first block
