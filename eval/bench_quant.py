@@ -64,7 +64,7 @@ def run_hfcompress(spec: dict) -> dict:
     path = real_model_path("smollm2")
     tok = AutoTokenizer.from_pretrained(path)
     # calibration runs in the dtype the model is loaded in; evaluation always in float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, spec["calib_dtype"]))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, spec.get("calib_dtype", "float32")))
     windows = torch.load(spec["windows"])
     seconds = 0.0
     if spec["method"] != "dense":
