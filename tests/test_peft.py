@@ -202,6 +202,12 @@ def test_adapter_save_load_reproduces_outputs(kind, ids, tmp_path):
     plain = PeftModel.from_pretrained(fresh, tmp_path / "adapter", config=cfg).eval()
     with torch.no_grad():
         assert torch.equal(plain(ids).logits, expected)
+    # and transformers' own adapter loading
+    fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    cfg = hpeft.register_compressed_lora(LoraConfig.from_pretrained(tmp_path / "adapter"), quant_aware=kind == "w4")
+    fresh.load_adapter(tmp_path / "adapter", peft_config=cfg)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(ids).logits, expected)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(ids):
@@ -296,3 +302,20 @@ def test_refit_grid_merge_keeps_mask(ids):
         merged, report = hpeft.merge_and_unload(lora)
     assert report.masks_preserved and {r.grid for r in report.layers} == {"refit"}
     assert all(torch.equal(hpeft.sparsity_masks(merged)[k], masks[k]) for k in masks)
+
+
+def test_wrapping_decodes_each_compressed_weight_once(monkeypatch):
+    from hfcompress.modules import CompressedModule
+
+    model = compressed_tiny("sparse50")
+    calls = []
+    original = CompressedModule.dequantize_weight
+
+    def counting(self, dtype=torch.float32):
+        calls.append(id(self))
+        return original(self, dtype)
+
+    monkeypatch.setattr(CompressedModule, "dequantize_weight", counting)
+    lora = hpeft.get_peft_model(model, lora_config())
+    assert len(calls) <= 14 and len(set(calls)) == len(calls)
+    assert all("dequantize_weight" not in l.get_base_layer().__dict__ for l in hpeft.compressed_lora_layers(lora).values())

@@ -28,20 +28,24 @@ import dataclasses
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import peft
+import torch
 from peft import LoraConfig, PeftConfig, PeftModel
 from torch import nn
 
-from ..modules import CompressedLinear
+from ..modules import CompressedLinear, CompressedModule
 from .layer import CompressedLoraLinear, register_compressed_lora
 from .merge import MergeReport
 
 __all__ = [
     "POLICY_FILE",
     "compressed_lora_layers",
+    "decode_once",
     "expand_all_linear",
     "get_peft_model",
     "load_adapter",
@@ -87,7 +91,41 @@ def get_peft_model(
     """
     register_compressed_lora(config, mask_update=mask_update, quant_aware=quant_aware, merge_grid=merge_grid)
     expand_all_linear(config, model)
-    return peft.get_peft_model(model, config, **kwargs)
+    with decode_once(model):
+        return peft.get_peft_model(model, config, **kwargs)
+
+
+@contextmanager
+def decode_once(model: nn.Module) -> Iterator[None]:
+    """While PEFT wraps a model, decode each compressed module's weight once instead of at every read.
+
+    PEFT looks at a target's ``.weight`` many times while replacing it (for its device), and a compressed
+    module decodes its weight at every read. Inside this context each module keeps its last decoded weight
+    until another module decodes, so memory stays at one decoded layer. Values are the real decoded weights.
+    """
+    last: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+    modules = [m for m in model.modules() if isinstance(m, CompressedModule)]
+
+    def cached(module: CompressedModule):
+        decode = module.dequantize_weight
+
+        def dequantize_weight(dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            key = (id(module), dtype)
+            if key not in last:
+                last.clear()
+                last[key] = decode(dtype)
+            return last[key]
+
+        return dequantize_weight
+
+    for m in modules:
+        m.__dict__["dequantize_weight"] = cached(m)  # instance attribute, shadows the method until exit
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.__dict__.pop("dequantize_weight", None)
+        last.clear()
 
 
 def expand_all_linear(config: LoraConfig, model: nn.Module) -> LoraConfig:
@@ -169,7 +207,10 @@ def load_adapter(
         if value is not None:
             policy[key] = value
     register_compressed_lora(config, **policy)
-    return PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, is_trainable=is_trainable, config=config, **kwargs)
+    with decode_once(model):
+        return PeftModel.from_pretrained(
+            model, str(path), adapter_name=adapter_name, is_trainable=is_trainable, config=config, **kwargs
+        )
 
 
 def merge_and_unload(

@@ -381,7 +381,7 @@ def load_compressed_adapter(model: nn.Module, path: str | os.PathLike, *, adapte
     from peft import get_peft_model as peft_get_peft_model
     from peft.utils import set_peft_model_state_dict
 
-    from .api import _read_policy, expand_all_linear
+    from .api import _read_policy, decode_once, expand_all_linear
     from .layer import register_compressed_lora
 
     path = Path(path)
@@ -394,7 +394,8 @@ def load_compressed_adapter(model: nn.Module, path: str | os.PathLike, *, adapte
     config.inference_mode = not is_trainable
     expand_all_linear(config, model)
     delta = CompressedDelta.load(file)
-    peft_model = peft_get_peft_model(model, config, adapter_name=adapter_name)
+    with decode_once(model):
+        peft_model = peft_get_peft_model(model, config, adapter_name=adapter_name)
     result = set_peft_model_state_dict(peft_model, delta.decode(), adapter_name=adapter_name)
     missing = [k for k in result.unexpected_keys if "lora_" in k]
     if missing:
