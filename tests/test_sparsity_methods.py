@@ -108,9 +108,10 @@ def _err(w, w_hat, x):
 
 @pytest.mark.parametrize(
     "spec",
-    [LayerSpec(sparsity=0.5), LayerSpec(sparsity=0.7), LayerSpec(sparsity_structure="2:4"),
-     LayerSpec(sparsity_structure="4:8"), LayerSpec(sparsity=0.5, bits=4, group_size=32),
-     LayerSpec(sparsity_structure="2:4", bits=4, group_size=32, symmetric=False)],
+    [LayerSpec(sparsity=0.5), pytest.param(LayerSpec(sparsity=0.7), marks=pytest.mark.slow),
+     LayerSpec(sparsity_structure="2:4"), pytest.param(LayerSpec(sparsity_structure="4:8"), marks=pytest.mark.slow),
+     LayerSpec(sparsity=0.5, bits=4, group_size=32),
+     pytest.param(LayerSpec(sparsity_structure="2:4", bits=4, group_size=32, symmetric=False), marks=pytest.mark.slow)],
     ids=["u50", "u70", "2:4", "4:8", "u50_w4", "2:4_w4asym"],
 )  # fmt: skip
 def test_calibrated_methods_beat_magnitude_on_calibration_inputs(spec):
