@@ -235,9 +235,7 @@ def _check_config(config: LoraConfig, base: nn.Module, quant_aware: bool) -> Non
             f"init_lora_weights={config.init_lora_weights!r} reads or rewrites the base weight, which is compressed "
             f"and frozen here; use one of {_SAFE_INITS}."
         )
-    if quant_aware and not getattr(base.spec, "quantized", False):
-        return  # nothing to round to: quantization-aware training reduces to the (masked) plain update
-    if quant_aware and config.lora_dropout:
+    if quant_aware and base.spec.quantized and config.lora_dropout:
         raise ValueError(
             f"lora_dropout={config.lora_dropout} cannot be combined with quant_aware=True (the rounding acts on the whole "
             "weight, so the adapter's input cannot be dropped out separately); set lora_dropout=0."
