@@ -52,7 +52,7 @@ def test_codes_only_descent_is_exactly_monotone():
         q = refine_quantization(w64, h64, start, torch.float16, sweeps=sweeps, refine_scales=False)
         assert torch.equal(q.scale, start.scale)
         obj = quant_objective(w, q.dequantize(torch.float64), h)
-        assert obj <= prev * (1 + 1e-7)
+        assert obj <= prev * (1 + 1e-6)  # float32 residuals
         prev = obj
 
 

@@ -70,50 +70,56 @@ def refine_quantization(
     sweeps: int = 5,
     block_size: int = 128,
     refine_scales: bool = True,
+    dtype: torch.dtype = torch.float32,
 ) -> QuantizedWeight:
-    """Lower ``tr((W - Q) H (W - Q)^T)`` from the starting point ``q`` (see module docstring)."""
+    """Lower ``tr((W - Q) H (W - Q)^T)`` from the starting point ``q`` (see module docstring).
+
+    The residual products ``P = dW H`` are recomputed from scratch at every sweep, so working in float32
+    (``dtype``, the default, twice as fast as float64) never lets rounding errors build up; the
+    per-column loop runs on one thread, the matrix products on all.
+    """
     rows, cols = weight.shape
     bits, gs = q.bits, q.group_size
     maxq = (1 << bits) - 1
     bounds = _group_bounds(cols, gs)
-    w = weight.to(torch.float64)
-    h = hessian.to(torch.float64)
-    codes = q.codes.to(torch.float64)
+    w = weight.to(dtype)
+    h = hessian.to(dtype)
+    codes = q.codes.to(dtype)
     scale = q.scale.clone()
-    zero = q.zero.to(torch.float64) if q.zero is not None else None
+    zero = q.zero.to(dtype) if q.zero is not None else None
     mid = float(1 << (bits - 1))
 
     def expand(t_rows_groups: torch.Tensor) -> torch.Tensor:  # [rows, ngroups] -> [cols, rows]
         return torch.cat([t_rows_groups[:, k : k + 1].expand(rows, b - a) for k, (a, b) in enumerate(bounds)], 1).t().contiguous()
 
     diag = torch.diagonal(h).clone()
-    alive = diag > 0
-    inv_diag = torch.where(alive, 1.0 / diag.clamp(min=1e-300), torch.zeros_like(diag))
+    alive = (diag > 0).tolist()
+    inv_diag = torch.where(diag > 0, 1.0 / diag.clamp(min=torch.finfo(dtype).tiny), torch.zeros_like(diag))
     # work on transposes: column j is the contiguous row [j]
     ct = codes.t().contiguous()
     for sweep in range(sweeps):
-        s_t = expand(scale.double())
+        s_t = expand(scale.to(dtype))
         z_t = expand(zero) if zero is not None else torch.full_like(s_t, mid)
         what_t = (ct - z_t) * s_t
         p_t = (h @ (w.t() - what_t))  # P^T = H dW^T : [cols, rows]
         # ---- codes: cyclic coordinate descent, blocked
         for b1 in range(0, cols, block_size):
             b2 = min(b1 + block_size, cols)
-            d_block = torch.zeros(b2 - b1, rows, dtype=torch.float64)
-            for j in range(b1, b2):
-                if not alive[j]:
-                    continue
-                target = what_t[j] + p_t[j] * inv_diag[j]
-                new_code = torch.clamp(torch.round(target / s_t[j]) + z_t[j], 0, maxq)
-                changed = new_code != ct[j]
-                if not bool(changed.any()):
-                    continue
-                new_val = (new_code - z_t[j]) * s_t[j]
-                delta = new_val - what_t[j]  # change of W'_j (dW_j changes by -delta)
-                ct[j] = new_code
-                what_t[j] = new_val
-                d_block[j - b1] = delta
-                p_t[b1:b2].addr_(h[b1:b2, j], delta, alpha=-1)
+            d_block = torch.zeros(b2 - b1, rows, dtype=dtype)
+            with few_threads(1):
+                for j in range(b1, b2):
+                    if not alive[j]:
+                        continue
+                    target = what_t[j] + p_t[j] * inv_diag[j]
+                    new_code = torch.clamp(torch.round(target / s_t[j]) + z_t[j], 0, maxq)
+                    if torch.equal(new_code, ct[j]):
+                        continue
+                    new_val = (new_code - z_t[j]) * s_t[j]
+                    delta = new_val - what_t[j]  # change of W'_j (dW_j changes by -delta)
+                    ct[j] = new_code
+                    what_t[j] = new_val
+                    d_block[j - b1] = delta
+                    p_t[b1:b2].addr_(h[b1:b2, j], delta, alpha=-1)
             if b1 > 0:
                 p_t[:b1].addmm_(h[:b1, b1:b2], d_block, alpha=-1)
             if b2 < cols:
@@ -127,15 +133,15 @@ def refine_quantization(
             den = ((h[a:b, a:b] @ c) * c).sum(0)
             ok = den > 0
             old = scale[:, k].double()
-            step = torch.where(ok, num / den.clamp(min=1e-300), torch.zeros_like(num))
+            step = torch.where(ok, num.double() / den.double().clamp(min=1e-300), torch.zeros_like(old))
             new = (old + step).to(scale_dtype)
             new = torch.where(new.double() > 0, new, scale[:, k])  # a scale never flips sign or vanishes
-            moved = new.double() - old
+            moved = (new.double() - old).to(dtype)
             if not bool((moved != 0).any()):
                 continue
             scale[:, k] = new
             delta = c * moved  # [g, rows] change of W'
-            s_t[a:b] = new.double()
+            s_t[a:b] = new.to(dtype)
             what_t[a:b] += delta
             p_t.addmm_(h[:, a:b], delta, alpha=-1)
     out_codes = ct.t().round().clamp(0, maxq).to(torch.uint8).contiguous()
@@ -160,10 +166,9 @@ def quantease_compress_layer(weight: torch.Tensor, stats, spec: LayerSpec, metho
         w64, h64, _ = prepare_hessian(weight, stats.hessian)
         if cd_damp:
             h64 = h64 + cd_damp * torch.diagonal(h64).mean() * torch.eye(h64.shape[0], dtype=torch.float64)
-        with few_threads(1):
-            refined = refine_quantization(
-                w64, h64, start, scale_torch_dtype(spec.scale_dtype), sweeps=sweeps, block_size=args["block_size"]
-            )
+        refined = refine_quantization(
+            w64, h64, start, scale_torch_dtype(spec.scale_dtype), sweeps=sweeps, block_size=args["block_size"]
+        )
         h = stats.hessian
         if quant_objective(weight, refined.dequantize(torch.float64), h) < quant_objective(weight, start.dequantize(torch.float64), h):
             start = refined
