@@ -385,7 +385,7 @@ def main() -> None:
     ref = rows.get("dense-fp32")
     print()
     header = (
-        f"{'config':22} {'path':22} {'decode tok/s':>12} {'per CPU-s':>9} {'prefill tok/s':>13} {'per CPU-s':>9} "
+        f"{'config':24} {'path':22} {'decode tok/s':>12} {'per CPU-s':>9} {'prefill tok/s':>13} {'per CPU-s':>9} "
         f"{'weights MB':>10} {'layers/bf16':>11} {'RSS MB':>7} {'vs fp32':>7} {'= ref path':>11}"
     )
     print(header)
@@ -401,7 +401,7 @@ def main() -> None:
         lay = f"{row['layers_vs_bf16']:.3f}" if row["layers_vs_bf16"] else "-"
         rss = f"{row['rss_mb']:.0f}" if row.get("rss_mb") is not None else "-"
         print(
-            f"{name:22} {row['path'][:22]:22} {row['decode_wall_median']:12.1f} {row['decode_cpu_median']:9.1f} "
+            f"{name:24} {row['path'][:22]:22} {row['decode_wall_median']:12.1f} {row['decode_cpu_median']:9.1f} "
             f"{row['prefill_wall_median']:13.0f} {row['prefill_cpu_median']:9.0f} {row['weights_mb']:10.1f} {lay:>11} "
             f"{rss:>7} {speed:6.2f}x {same:>11}"
         )

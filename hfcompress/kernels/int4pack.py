@@ -8,10 +8,11 @@ uniform group size ``g`` in {32, 64, 128, 256} and bfloat16 ``x``/``s``/``c`` (f
 * **Codes of 2-4 bits** are one nibble plane ``u``. With ``q`` decoding to ``(q - z) * s``: when every
   ``q - z`` lies in ``[-8, 8)`` (symmetric grids; asymmetric ones of 2-3 bits), ``u = q - z + 8`` and ``c = 0``;
   otherwise (4-bit asymmetric) ``u = q`` and ``c = (8 - z) * s``.
-* **Codes of 5-8 bits** are two nibble planes, high and low, concatenated along the input: the kernel sees a
-  ``2K``-wide weight ``[hi | lo]`` with scales ``[16 s | s]`` and input ``[x | x]``, so one call with one float32
-  accumulation computes ``(16 (hi - 8) + (lo - 8) + 136 + ...)``: ``u = q - z + 128`` and ``c = 8 s`` when
-  ``q - z`` fits ``[-128, 128)`` (always, but for some 8-bit asymmetric grids), else ``u = q``, ``c = (136 - z) s``.
+* **Codes of 5-8 bits** are two nibble planes of ``u = 16 hi + lo``, concatenated along the input: the kernel
+  sees a ``2K``-wide weight ``[hi | lo]`` with scales ``[16 s | s]`` and input ``[x | x]``, so one call with one
+  float32 accumulation computes ``16 (hi - 8) s + (lo - 8) s + c = (u - 136) s + c``. When every ``q - z`` fits
+  ``[-128, 128)`` (always, but for some 8-bit asymmetric grids) ``u = q - z + 128`` and ``c = 8 s``; otherwise
+  ``u = q`` and ``c = (136 - z) s``.
 * A constant ``c`` not exactly representable in bfloat16 goes into the kernel rounded, and the rounding
   residual is added exactly in float32 per group (``sum_k x[k] * residual``), so no rounding of a zero point
   enters the result beyond the kernel's own bfloat16 output.
