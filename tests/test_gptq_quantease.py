@@ -9,7 +9,7 @@ from torch import nn
 from hfcompress import HfCompressConfig, LayerSpec, oneshot
 from hfcompress.algorithms import Method, get_method, register_method
 from hfcompress.algorithms.gptq import gptq_quantize, prepare_hessian, quant_objective
-from hfcompress.algorithms.quantease import dense_target, refine_quantization
+from hfcompress.algorithms.quantease import refine_quantization
 from hfcompress.algorithms.rtn import rtn_compress
 from hfcompress.calibration.stats import LayerStats
 from hfcompress.models import tiny_llama
@@ -68,32 +68,6 @@ def test_compress_layer_beats_gptq_and_rtn():
         assert torch.equal(a.weight, a.quantized.dequantize(torch.float32))
         oa, ob, oc = (quant_objective(w, t.weight, h) for t in (a, b, c))
         assert oa < ob <= oc
-
-
-def test_dense_target_is_the_least_squares_fit():
-    """``W* = W G H^-1`` maps the compressed model's inputs X to the dense outputs W Xd as well as any matrix can."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(400, 12, generator=g, dtype=torch.float64)
-    xd = x + 0.1 * torch.randn(400, 12, generator=g, dtype=torch.float64)  # the dense model's inputs
-    w = torch.randn(5, 12, generator=g, dtype=torch.float64)
-    h, cross = 2 * x.t() @ x / 400, 2 * xd.t() @ x / 400
-    target = dense_target(w.float(), h.float(), cross.float(), damp=1e-9)
-    lstsq = torch.linalg.lstsq(x, xd @ w.t()).solution.t()
-    torch.testing.assert_close(target, lstsq, rtol=1e-4, atol=1e-4)
-    same = dense_target(w.float(), h.float(), h.float(), damp=1e-9)  # no upstream error: the weight itself
-    torch.testing.assert_close(same, w, rtol=1e-4, atol=1e-4)
-
-
-def test_method_args():
-    qe = get_method("quantease").compress_layer
-    w, h, x = _problem(4, 8, seed=1)
-    stats = LayerStats(hessian=h, nsamples=48)
-    for bad, match in (({"sweeps": -1}, "sweeps=-1"), ({"cd_damp": "x"}, "cd_damp='x'"), ({"iters": 3}, "iters")):
-        with pytest.raises(ValueError, match=match):
-            qe(w, stats, LayerSpec(bits=4), bad)
-    plain = qe(w, stats, LayerSpec(bits=4, group_size=8), {"sweeps": 0})  # sweeps=0 is GPTQ on the same target
-    ref = get_method("gptq").compress_layer(w, stats, LayerSpec(bits=4, group_size=8), {})
-    assert torch.equal(plain.weight, ref.weight)
 
 
 # ---------------------------------------------------------------------- dense_cross statistics in the pipeline

@@ -32,28 +32,7 @@ from .gptq import GPTQ_DEFAULTS, best_of_rtn, check_method_args, few_threads, gp
 
 __all__ = ["refine_quantization", "quantease_compress_layer"]
 
-QUANTEASE_DEFAULTS: dict[str, Any] = {**GPTQ_DEFAULTS, "sweeps": 5, "cd_damp": 0.0, "asymmetric": True}
-
-
-def dense_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.Tensor:
-    """The weight whose output on the compressed model's inputs best matches the dense model's output.
-
-    ``min_W* |W* X - W Xd|^2`` is solved by ``W* = W G H^-1`` (``G = 2/n sum xd x^T``). Written as the
-    correction ``W* = W + W (G - H) (H + lambda I)^-1``, dampening shrinks only the correction, never the
-    weight itself: without upstream error (``G = H``) the target is exactly ``W``. Float64.
-    """
-    w, h, dead = prepare_hessian(weight, hessian)
-    g = cross.to(torch.float64)
-    lam = max(damp, 1e-8) * torch.diagonal(h).mean()
-    hd = h + lam * torch.eye(h.shape[0], dtype=torch.float64)
-    chol, info = torch.linalg.cholesky_ex(hd)
-    if info != 0:
-        return w
-    # correction^T = Hd^-1 (G - H)^T W^T
-    correction = torch.cholesky_solve((g - h).t() @ w.t(), chol).t()
-    target = w + correction
-    target[:, dead] = 0.0
-    return target.contiguous()
+QUANTEASE_DEFAULTS: dict[str, Any] = {**GPTQ_DEFAULTS, "sweeps": 5, "cd_damp": 0.0}
 
 
 def _group_bounds(cols: int, group_size: int | None) -> list[tuple[int, int]]:
@@ -151,15 +130,13 @@ def refine_quantization(
 def quantease_compress_layer(weight: torch.Tensor, stats, spec: LayerSpec, method_args: dict[str, Any]) -> CompressedWeight:
     """``compress_layer`` of method ``"quantease"`` (see :mod:`hfcompress.algorithms`)."""
     args = check_method_args("quantease", method_args, QUANTEASE_DEFAULTS)
-    sweeps, cd_damp, asymmetric = args.pop("sweeps"), args.pop("cd_damp"), args.pop("asymmetric")
+    sweeps, cd_damp = args.pop("sweeps"), args.pop("cd_damp")
     if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0:
         raise ValueError(f"method_args sweeps={sweeps!r} must be a non-negative integer, e.g. 5.")
     if isinstance(cd_damp, bool) or not isinstance(cd_damp, (int, float)) or cd_damp < 0:
         raise ValueError(f"method_args cd_damp={cd_damp!r} must be a non-negative number, e.g. 0.0.")
     if stats.hessian is None:
         raise ValueError("method='quantease' needs the input Hessian; the calibration pipeline did not provide it.")
-    if asymmetric and stats.dense_cross is not None and stats.nsamples > 0:
-        weight = dense_target(weight, stats.hessian, stats.dense_cross, args["damp"]).float()
     start = gptq_quantize(weight, stats.hessian, spec, **args)
     start = best_of_rtn(weight, stats.hessian, spec, start)
     if sweeps:
@@ -182,7 +159,7 @@ register_method(
         quantizes=True,
         prunes=False,
         description="GPTQ followed by coordinate descent on codes and scales of the layer output error (lower error, slower).",
-        needs=frozenset({"hessian", "dense_cross"}),
+        needs=frozenset({"hessian"}),
         compress_layer=quantease_compress_layer,
     )
 )
