@@ -8,14 +8,17 @@ with :func:`hfcompress.oneshot` on 128 windows of 512 tokens of the offline Wiki
 cast back to bf16 (kept values are stored in bf16, as published) and saved; the saved checkpoint is
 reloaded in float32 and scored on the first 16 windows of 2048 tokens of WikiText-2 raw test. Each
 config runs in its own process so its peak RSS (load + calibration + compression) is its own.
-llm-compressor pins an older transformers; when it is importable the comparison runs, otherwise the
-script says so.
+llm-compressor pins an older transformers, so it runs in its own virtualenv: with
+``--lc-python /path/to/venv/bin/python`` the same calibration windows go through its SparseGPT (50 %,
+2:4) and Wanda (50 %) in the same run (``eval/lc_sparsity_reference.py``, same thread count, same
+perplexity protocol), and the script prints our perplexity ratio over theirs and our time over theirs.
+
+    python eval/bench_sparsity.py --only "sparsegpt 50%" "sparsegpt 2:4" "wanda 50%" --skip OWL --lc-python /tmp/lcvenv/bin/python
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import resource
 import subprocess
@@ -43,6 +46,43 @@ CONFIGS: dict[str, HfCompressConfig | None] = {
     "sparsegpt 50% + W4 g64": HfCompressConfig(method="sparsegpt", sparsity=0.5, **W4),
     "admm 50% + W4 g64": HfCompressConfig(method="admm", sparsity=0.5, **W4),
 }
+
+
+#: llm-compressor reference configs -> (argument of eval/lc_sparsity_reference.py, our config they compare with)
+LC_CONFIGS = {"sparsegpt 50%": "sparsegpt", "sparsegpt 2:4": "sparsegpt24", "wanda 50%": "wanda"}
+
+
+def run_llmcompressor(args, rows: list[dict]) -> list[dict]:
+    """Run eval/lc_sparsity_reference.py in llm-compressor's venv on this run's calibration windows."""
+    from transformers import AutoTokenizer
+
+    from hfcompress.calibration.data import calibration_batches
+    from hfcompress.evaluation import wikitext2_test_path
+    from hfcompress.models import real_model_path
+
+    src = real_model_path("smollm2")
+    tok = AutoTokenizer.from_pretrained(src)
+    batches = calibration_batches(None, tok, num_samples=args.samples, seq_len=args.calib_len, seed=0)
+    ids = torch.cat([b["input_ids"] for b in batches])
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(ids, f"{tmp}/ids.pt")
+        script = str(Path(__file__).with_name("lc_sparsity_reference.py"))
+        for name in args.lc_configs:
+            cmd = [args.lc_python, script, LC_CONFIGS[name], str(src), f"{tmp}/ids.pt", str(wikitext2_test_path()),
+                   str(args.windows), str(args.threads)]  # fmt: skip
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                print(f"llm-compressor {name}: FAILED\n{proc.stderr[-3000:]}", flush=True)
+                continue
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            row["ours"] = name
+            out.append(row)
+            print(json.dumps(row), flush=True)
+            if args.results:
+                with open(args.results, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+    return out
 
 
 def disk_bytes(folder) -> int:
@@ -99,6 +139,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--results", default=None, help="JSON-lines file to append each result to")
     ap.add_argument("--dense-ppl", type=float, default=None, help="dense perplexity measured by another run (skips dense)")
+    ap.add_argument("--lc-python", default=None, help="python of a venv with llmcompressor installed")
+    ap.add_argument("--lc-configs", nargs="*", default=list(LC_CONFIGS), help="llm-compressor configs to run")
     ap.add_argument("--run", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run:
@@ -130,10 +172,18 @@ def main() -> None:
             f"{r['config']:24s} {r['ppl']:8.2f} {r['ppl'] / dense:8.3f} {r['seconds']:8.1f} {r['rss_mb']:12.0f} "
             f"{r['bytes'] / 1e6:11.1f} {r['bits_per_weight']:7.3f}"
         )
-    if importlib.util.find_spec("llmcompressor") is None:
-        print("\nllm-compressor: not installed (it pins an older transformers); no side-by-side ratios in this run.")
-    else:  # pragma: no cover - not installable next to transformers 5
-        print("\nllm-compressor is importable but its transformers pin conflicts with hfcompress's; run it in its own venv.")
+    if not args.lc_python:
+        print("\nllm-compressor: not run (pass --lc-python /path/to/its/venv/bin/python; it pins an older transformers).")
+        return
+    lc_rows = run_llmcompressor(args, rows)
+    ours = {r["config"]: r for r in rows}
+    print(f"\nllm-compressor 0.14 on the same windows ({args.threads} threads); ratios are ours / theirs")
+    print(f"{'config':24s} {'LC ppl':>8s} {'LC x dense':>10s} {'LC time s':>10s} {'LC RSS MB':>10s} {'ppl ratio':>10s} {'time ratio':>10s}")
+    for r in lc_rows:
+        mine = ours.get(r["ours"])
+        ratio = f"{mine['ppl'] / r['ppl']:10.3f}" if mine else f"{'-':>10s}"
+        tratio = f"{mine['seconds'] / r['seconds']:10.3f}" if mine else f"{'-':>10s}"
+        print(f"{r['ours']:24s} {r['ppl']:8.2f} {r['ppl'] / dense:10.3f} {r['seconds']:10.1f} {r['rss_mb']:10.0f} {ratio} {tratio}")
 
 
 if __name__ == "__main__":

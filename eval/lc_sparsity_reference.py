@@ -1,7 +1,9 @@
 """llm-compressor reference for eval/bench_sparsity.py, run in llm-compressor's own venv (it pins an older transformers).
 
     python -c "..."  # see README: dump the calibration windows with hfcompress first
-    /path/to/lc-venv/bin/python eval/lc_sparsity_reference.py {sparsegpt|sparsegpt24|wanda} MODEL_DIR CALIB_IDS.pt WIKI_TEST_RAW [WINDOWS]
+    /path/to/lc-venv/bin/python eval/lc_sparsity_reference.py {sparsegpt|sparsegpt24|wanda} MODEL_DIR CALIB_IDS.pt WIKI_TEST_RAW [WINDOWS [THREADS]]
+
+``eval/bench_sparsity.py --lc-python /path/to/lc-venv/bin/python`` runs it for you on its own windows.
 
 Uses exactly the calibration windows hfcompress used (a saved ``[n, seq_len]`` int tensor from
 ``hfcompress.calibration.data.calibration_batches``) and the same perplexity protocol as
@@ -22,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 which, src, calib, wiki = sys.argv[1:5]
 windows = int(sys.argv[5]) if len(sys.argv) > 5 else 16
-torch.set_num_threads(1)
+torch.set_num_threads(int(sys.argv[6]) if len(sys.argv) > 6 else 2)  # the same thread count as hfcompress's run
 tok = AutoTokenizer.from_pretrained(src)
 ids = torch.load(calib)
 ds = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
@@ -33,7 +35,7 @@ modifier = {
     "sparsegpt24": lambda: SparseGPTModifier(mask_structure="2:4", **common),
     "wanda": lambda: WandaPruningModifier(mask_structure="0:0", **common),
 }[which]()
-t0 = time.time()
+t0 = time.time()  # like bench_sparsity.py: from the model load (above it, about a second) to the compressed model
 oneshot(model=model, dataset=ds, recipe=[modifier], num_calibration_samples=ids.shape[0], max_seq_length=ids.shape[1])
 seconds = time.time() - t0
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
