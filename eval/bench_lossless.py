@@ -7,6 +7,8 @@ Prints, per model (bf16 weights; MiniLM ships float32 and is cast to bf16 first,
   coder) and of the exponent byte with sign+mantissa raw (the floor of the DFloat11 layout we use);
 * decode throughput in GB/s of bf16 output with 1 and 2 threads, next to zstd (level 3) and lz4 on the
   same bytes in the same 512 KiB chunks and threads (best and median of ``--repeats`` runs);
+* SmolLM2: resident memory after ``from_pretrained`` of the bf16 checkpoint and of the lossless twin with
+  ``lossless_decode="load"``, ``"lazy"`` and ``"first_forward"``, and after three forwards (fresh process each);
 * W4 g64 (RTN) packed codes: bytes of ``weight_packed`` (and of the scales, and the whole checkpoint)
   before and after the lossless stage.
 
@@ -196,6 +198,62 @@ def bench_load(name: str, tmp: Path, repeats: int) -> None:
     )
 
 
+_MEMORY_PROBE = """
+import sys, time, torch
+import hfcompress
+from transformers import AutoModelForCausalLM
+torch.set_num_threads(int(sys.argv[3]))
+
+def status():
+    fields = dict(line.split(':', 1) for line in open('/proc/self/status'))
+    return {k: int(fields[k].split()[0]) / 1024 for k in ('RssAnon', 'RssFile', 'VmHWM')}
+
+base = status()
+kwargs = {} if sys.argv[2] == 'plain' else {'quantization_config': hfcompress.HfCompressConfig(lossless=True, lossless_decode=sys.argv[2])}
+t0, c0 = time.perf_counter(), time.process_time()
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], **kwargs)
+load_s, load_cpu = time.perf_counter() - t0, time.process_time() - c0
+loaded = status()
+ids = torch.arange(1, 33).reshape(1, 32)
+times, cpu = [], []
+with torch.inference_mode():
+    for _ in range(3):
+        t0, c0 = time.perf_counter(), time.process_time()
+        model(ids)
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+after = status()
+print(base['RssAnon'], base['RssFile'], loaded['RssAnon'], loaded['RssFile'], after['RssAnon'], after['RssFile'], after['VmHWM'], load_s, load_cpu, min(times), min(cpu))
+"""
+
+
+def bench_memory(name: str, tmp: Path) -> None:
+    """Resident memory after ``from_pretrained`` with each ``lossless_decode`` mode (fresh process each)."""
+    plain_dir = tmp / f"{name}-bf16-model"
+    rows = [("bf16 checkpoint (plain)", plain_dir, "plain")] + [
+        (f"lossless twin, lossless_decode={mode!r}", tmp / f"{name}-lossless", mode)
+        for mode in ("load", "lazy", "first_forward")
+    ]
+    print(
+        "  resident memory over the imports (MB; anon = process memory, file-backed = memory-mapped checkpoint pages, "
+        "which the kernel can drop; weights 269 MB in bf16):"
+    )
+    for label, folder, mode in rows:
+        out = subprocess.run(
+            [sys.executable, "-c", _MEMORY_PROBE, str(folder), mode, str(torch.get_num_threads())],
+            capture_output=True, text=True, check=True,
+        ).stdout.split()
+        base, base_file, anon, file_, anon_after, file_after, hwm, load_s, load_cpu, fwd_s, fwd_cpu = (
+            float(x) for x in out[-11:]
+        )
+        print(
+            f"    {label:48s} after load: anon +{anon - base:5.1f}, file-backed +{file_ - base_file:5.1f}; after 3 "
+            f"forwards (32 tokens): anon +{anon_after - base:5.1f}, file-backed +{file_after - base_file:5.1f}; "
+            f"peak RSS {hwm:5.1f}; load {load_s:.2f} s ({load_cpu:.2f} CPU s), forward {fwd_s * 1e3:.0f} ms "
+            f"({fwd_cpu * 1e3:.0f} CPU ms)"
+        )
+
+
 def bench_w4(name: str, tmp: Path) -> None:
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -245,6 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=["smollm2", "minilm"], choices=["smollm2", "minilm"])
     parser.add_argument("--repeats", type=int, default=3, help="timed decode runs (best and median are printed)")
     parser.add_argument("--skip-w4", action="store_true", help="skip the W4 g64 part")
+    parser.add_argument("--skip-memory", action="store_true", help="skip resident memory by lossless_decode mode")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     print(f"hfcompress {hfcompress.__version__}; {os.cpu_count()} CPUs; load average at start {os.getloadavg()}")
@@ -257,6 +316,8 @@ def main(argv: list[str] | None = None) -> None:
             bench_checkpoint(name, sd, tmp)
             bench_decode(sd, args.repeats)
             bench_load(name, tmp, args.repeats)
+            if name == "smollm2" and not args.skip_memory:
+                bench_memory(name, tmp)
             if not args.skip_w4:
                 bench_w4(name, tmp)
             print(f"  load average now {os.getloadavg()}")

@@ -14,6 +14,8 @@ from .spec import LayerSpec
 
 QUANT_METHOD = "hfcompress"
 SUPPORTED_MODULE_TYPES = ("Linear", "Conv2d", "Embedding")
+#: values of ``HfCompressConfig.lossless_decode`` (see :mod:`hfcompress.lossless.lazy`)
+LOSSLESS_DECODE_MODES = ("load", "lazy", "first_forward")
 
 
 def _check_patterns(name: str, value: Any) -> list[str]:
@@ -65,6 +67,15 @@ class HfCompressConfig(QuantizationConfigMixin):
             embeddings, tied ones included, packed codes, scales, masks) is entropy-coded bit-exactly in the
             checkpoint and decoded on load (see :mod:`hfcompress.formats.lossless`). Alone (no ``bits``, no
             ``sparsity``) it changes nothing in the model, only the file size.
+        lossless_decode: when a lossless checkpoint's coded tensors are decoded (compressed modules' own
+            tensors always decode on load): ``"load"`` (default) decodes everything inside ``from_pretrained``;
+            ``"lazy"`` keeps the coded payloads in memory and decodes each module's tensors right before its
+            forward, freeing them after it (resident weights stay at the coded size, ~2/3 of bf16, at the cost
+            of one decode per forward); ``"first_forward"`` decodes each module's tensors at its first forward
+            and keeps them (fast start, and modules that never run never cost their decoded size). A loading
+            attribute: passing ``quantization_config=HfCompressConfig(lossless=True, lossless_decode="lazy")``
+            to ``from_pretrained`` of a saved checkpoint overrides the saved choice. See
+            :mod:`hfcompress.lossless.lazy`.
     """
 
     def __init__(
@@ -82,6 +93,7 @@ class HfCompressConfig(QuantizationConfigMixin):
         ignore: list[str] | None = None,
         overrides: list[dict[str, Any]] | None = None,
         lossless: bool = False,
+        lossless_decode: str = "load",
         quant_method: str = QUANT_METHOD,
         **unknown: Any,
     ) -> None:
@@ -105,11 +117,12 @@ class HfCompressConfig(QuantizationConfigMixin):
         self.ignore = None if ignore is None else list(ignore)
         self.overrides = copy.deepcopy(list(overrides)) if overrides else []
         self.lossless = lossless
+        self.lossless_decode = lossless_decode
         self.post_init()
 
     _FIELDS = (
         "bits", "group_size", "symmetric", "scale_dtype", "clip", "sparsity", "sparsity_structure",
-        "method", "method_args", "targets", "ignore", "overrides", "lossless",
+        "method", "method_args", "targets", "ignore", "overrides", "lossless", "lossless_decode",
     )  # fmt: skip
 
     # ------------------------------------------------------------------ validation
@@ -121,6 +134,17 @@ class HfCompressConfig(QuantizationConfigMixin):
             raise ValueError(f"method_args={self.method_args!r} must be a dict of keyword arguments.")
         if not isinstance(self.lossless, bool):
             raise ValueError(f"lossless={self.lossless!r} must be True or False.")
+        if self.lossless_decode not in LOSSLESS_DECODE_MODES:
+            raise ValueError(
+                f"lossless_decode={self.lossless_decode!r} is not supported; use one of {LOSSLESS_DECODE_MODES} "
+                "('load': decode in from_pretrained, 'lazy': decode before every forward (least memory), "
+                "'first_forward': decode once at the first forward)."
+            )
+        if self.lossless_decode != "load" and not self.lossless:
+            raise ValueError(
+                f"lossless_decode={self.lossless_decode!r} only applies to lossless checkpoints; set lossless=True "
+                "or leave lossless_decode='load'."
+            )
         self.targets = _check_patterns("targets", self.targets)
         if not self.targets:
             raise ValueError("targets=[] selects nothing; use e.g. ['Linear'] or ['re:mlp'].")
@@ -177,7 +201,25 @@ class HfCompressConfig(QuantizationConfigMixin):
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()
 
+    def get_loading_attributes(self) -> dict[str, Any]:
+        """Settings that a config passed to ``from_pretrained`` may change in a saved checkpoint's config."""
+        return {"lossless_decode": self.lossless_decode}
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, HfCompressConfig) and self.to_dict() == other.to_dict()
 
     __hash__ = None  # mutable
+
+
+def _accept_loading_attributes() -> None:
+    """Let ``from_pretrained(saved, quantization_config=HfCompressConfig(..., lossless_decode=...))`` choose how a
+    saved checkpoint is decoded (transformers keeps a saved config but copies the ``get_loading_attributes()``
+    of the configs listed in ``LOADING_ATTRIBUTES_CONFIG_TYPES``)."""
+    from transformers.quantizers import auto
+
+    types = getattr(auto, "LOADING_ATTRIBUTES_CONFIG_TYPES", None)
+    if isinstance(types, tuple) and HfCompressConfig not in types:
+        auto.LOADING_ATTRIBUTES_CONFIG_TYPES = types + (HfCompressConfig,)
+
+
+_accept_loading_attributes()

@@ -12,7 +12,10 @@ Two paths through ``from_pretrained``:
 
 With ``lossless=True`` both paths add a storage stage (:mod:`hfcompress.formats.lossless`): saving codes
 every tensor worth it as ``<name>_lossless``, and loading decodes those payloads back to the exact tensors
-through a loader converter, before they reach the model.
+through a loader converter, before they reach the model (or, with ``lossless_decode="lazy"`` or
+``"first_forward"``, keeps plain modules' payloads coded and decodes them at forward time,
+:mod:`hfcompress.lossless.lazy`). Damaged payloads are collected while loading and raised afterwards as
+one :class:`~hfcompress.lossless.LosslessFormatError` naming the tensors.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from transformers.quantizers.base import HfQuantizer
 from .checkpoint import read_tensor_index
 from .formats import lossless as lossless_format
 from .lossless.loader import METADATA_KEY as LOSSLESS_METADATA_KEY
-from .lossless.loader import drop_lossless_conversions, lossless_converter, lossless_state_dict
+from .lossless.lazy import defer
+from .lossless.loader import LoadSession, drop_lossless_conversions, lossless_converter, lossless_state_dict
 from .config import QUANT_METHOD, HfCompressConfig
 from .modules import CompressedModule, compressed_modules, compressed_twin, set_submodule
 from .targets import resolve_layers
@@ -135,13 +139,21 @@ class HfCompressQuantizer(HfQuantizer):
 
         enable_push_with_card(model)  # model.push_to_hub uploads the hfcompress model card too
         drop_lossless_conversions(model)
+        session = getattr(self, "_lossless_session", None)
+        if session is not None:
+            self._lossless_session = None
+            session.raise_errors(getattr(model, "name_or_path", None))  # damaged payloads: one clear error
+            if session.deferred:
+                defer(model, session.deferred, session.mode)
         return model
 
     # ------------------------------------------------------------------ lossless stage (storage transform)
     def get_weight_conversions(self):
         conversions = list(super().get_weight_conversions())
         if self.pre_quantized and self.quantization_config.lossless:
-            conversions.append(lossless_converter())
+            if getattr(self, "_lossless_session", None) is None:  # one session per load (this may be asked twice)
+                self._lossless_session = LoadSession(mode=self.quantization_config.lossless_decode)
+            conversions.append(lossless_converter(self._lossless_session))
         return conversions
 
     def get_state_dict_and_metadata(self, model):

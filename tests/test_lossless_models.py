@@ -179,9 +179,14 @@ def test_corrupt_payload_is_refused(damaged_dir):
         t[key][t[key].numel() // 2] ^= 0x40
 
     _rewrite(damaged_dir, flip)
-    # The decoder's checksum error goes into transformers' load report (a warning), then loading stops.
-    with pytest.raises(RuntimeError, match="conversion"):
-        AutoModelForCausalLM.from_pretrained(damaged_dir)
+    # Not transformers' generic conversion error: one error naming the tensor, the damage and the fix.
+    for mode in ("load", "lazy", "first_forward"):
+        cfg = HfCompressConfig(lossless=True, lossless_decode=mode)
+        with pytest.raises(LosslessFormatError) as info:
+            AutoModelForCausalLM.from_pretrained(damaged_dir, quantization_config=cfg)
+        msg = str(info.value)
+        assert f"1 lossless tensor(s) in {damaged_dir} are damaged" in msg, msg
+        assert key in msg and "checksum" in msg and "force_download=True" in msg and "re-convert" in msg, msg
 
 
 def test_corrupt_payload_error_names_tensor(lossless_dir):
@@ -197,7 +202,29 @@ def test_corrupt_payload_error_names_tensor(lossless_dir):
 def test_truncated_payload_is_refused(damaged_dir):
     key = "model.embed_tokens.weight" + LOSSLESS_SUFFIX
     _rewrite(damaged_dir, lambda t: t.__setitem__(key, t[key][:-100].clone()))
-    with pytest.raises(RuntimeError):
+    for mode in ("load", "lazy"):
+        cfg = HfCompressConfig(lossless=True, lossless_decode=mode)
+        with pytest.raises(LosslessFormatError, match=rf"are damaged .*{key}.*is truncated .*force_download=True"):
+            AutoModelForCausalLM.from_pretrained(damaged_dir, quantization_config=cfg)
+
+
+def test_every_damaged_tensor_is_named(damaged_dir):
+    keys = [f"model.layers.{i}.mlp.up_proj.weight{LOSSLESS_SUFFIX}" for i in range(2)]
+
+    def flip(t):
+        for k in keys:
+            t[k] = t[k].clone()
+            t[k][-1] ^= 0x01
+
+    _rewrite(damaged_dir, flip)
+    with pytest.raises(LosslessFormatError, match=rf"2 lossless tensor\(s\) .*: {keys[0]}, {keys[1]}\. First error"):
+        AutoModelForCausalLM.from_pretrained(damaged_dir)
+
+
+def test_truncated_file_is_refused(damaged_dir):
+    path = damaged_dir / "model.safetensors"
+    os.truncate(path, path.stat().st_size - 5000)
+    with pytest.raises(ValueError, match="model.safetensors is truncated.*re-download"):
         AutoModelForCausalLM.from_pretrained(damaged_dir)
 
 

@@ -68,3 +68,33 @@ def test_minilm_bf16_lossless_twin_is_small_and_bit_exact(minilm_path, tmp_path)
     a, b = model.state_dict(), ref.state_dict()
     assert set(a) == set(b)
     assert all(a[k].dtype == b[k].dtype and torch.equal(bits(a[k]), bits(b[k])) for k in a)
+
+
+@pytest.mark.parametrize("mode", ["lazy", "first_forward"])
+def test_minilm_deferred_decoding_matches_eager(minilm_path, tmp_path, mode):
+    import json
+    import struct
+
+    from hfcompress import HfCompressConfig
+    from hfcompress.lossless.lazy import deferred
+
+    def content(path):
+        raw = path.read_bytes()
+        (n,) = struct.unpack("<Q", raw[:8])
+        return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+    out = convert_checkpoint(minilm_path, tmp_path / "minilm-lossless", dtype="bfloat16")
+    eager = AutoModel.from_pretrained(out)
+    lazy = AutoModel.from_pretrained(out, quantization_config=HfCompressConfig(lossless=True, lossless_decode=mode))
+    pending = deferred(lazy)
+    assert "encoder.layer.0.attention.self.query.weight" in pending and "embeddings.word_embeddings.weight" in pending
+    ids = torch.randint(0, lazy.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with torch.inference_mode():
+        want = eager(input_ids=ids, attention_mask=mask).last_hidden_state
+        for _ in range(2):
+            assert torch.equal(lazy(input_ids=ids, attention_mask=mask).last_hidden_state, want)
+    assert bool(deferred(lazy)) == (mode == "lazy")
+    eager.save_pretrained(tmp_path / "eager")
+    lazy.save_pretrained(tmp_path / "lazy")
+    assert content(tmp_path / "lazy" / "model.safetensors") == content(tmp_path / "eager" / "model.safetensors")

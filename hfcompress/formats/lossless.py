@@ -66,15 +66,20 @@ def encode_state_dict(
     state_dict: dict[str, torch.Tensor],
     chunk_elems: int = codec.DEFAULT_CHUNK_ELEMS,
     threads: int | None = None,
+    precoded: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """A new state dict where every tensor worth coding is replaced by its ``<name>_lossless`` payload.
 
-    Tensors are coded in parallel threads (one tensor per task); insertion order is kept.
+    Tensors are coded in parallel threads (one tensor per task); insertion order is kept. ``precoded`` maps
+    names to payloads that are already known (tensors loaded with deferred decoding): they are stored as given.
     """
     threads = codec.default_threads() if threads is None else threads
     items = list(state_dict.items())
+    precoded = precoded or {}
 
     def one(item):
+        if item[0] in precoded:
+            return lossless_key(item[0]), precoded[item[0]]
         return encode_one(item[0], item[1], chunk_elems=chunk_elems, threads=1)
 
     if threads > 1 and len(items) > 1:

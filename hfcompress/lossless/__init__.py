@@ -3,7 +3,8 @@
 Float weights (bfloat16, float16, float32) keep sign and mantissa raw and entropy-code the exponent byte;
 1-byte tensors (bit-packed integer codes, masks, float8) entropy-code their bytes. Payloads are chunked
 (chunks decode in parallel threads), checksummed (damage raises :class:`LosslessFormatError`, never wrong
-values) and self-describing (dtype and shape are in the header). See :mod:`hfcompress.lossless.codec` for the
+values) and self-describing (dtype and shape are in the header). Checkpoints decode on load or, with
+``HfCompressConfig(lossless_decode="lazy" | "first_forward")``, at forward time (:mod:`hfcompress.lossless.lazy`). See :mod:`hfcompress.lossless.codec` for the
 byte layout and :mod:`hfcompress.formats.lossless` for how payloads are stored in checkpoints.
 """
 
@@ -17,6 +18,7 @@ from .codec import (
     read_info,
 )
 from .coder import DECODER
+from .lazy import deferred, materialize
 from .planes import supported
 
 __all__ = [
@@ -26,7 +28,9 @@ __all__ = [
     "PayloadInfo",
     "decode_tensor",
     "default_threads",
+    "deferred",
     "encode_tensor",
+    "materialize",
     "read_info",
     "supported",
 ]

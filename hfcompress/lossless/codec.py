@@ -260,6 +260,27 @@ def read_info(payload, where: str = "payload") -> PayloadInfo:
     return info
 
 
+def verify_payload(payload, where: str = "payload") -> PayloadInfo:
+    """Check a payload without decoding it: header CRC, sizes, and every chunk's CRC-32 of its stored bytes.
+
+    Costs one CRC pass over the payload (no inflate, no output); raises :class:`LosslessFormatError` naming
+    ``where`` and the chunk when anything is off. Used where decoding is deferred (``lossless_decode="lazy"``),
+    so that a damaged file is still refused while loading.
+    """
+    buf = _as_bytes(payload)
+    info = read_info(buf, where)
+    pos = info.header_bytes
+    for i, rec in enumerate(info.chunks):
+        size = sum(rec.sizes)
+        if coder.crc32(buf[pos : pos + size]) != rec.stored_crc:
+            raise LosslessFormatError(
+                f"{where}: chunk {i} of the lossless payload fails its checksum (stored bytes); the checkpoint file "
+                "is damaged. Re-download or re-convert it."
+            )
+        pos += size
+    return info
+
+
 # ---------------------------------------------------------------------------------------------- decode
 def decode_tensor(payload, threads: int | None = None, where: str = "payload") -> torch.Tensor:
     """Decode a payload back into the exact tensor it was made from (CPU, contiguous).
