@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -77,26 +78,54 @@ def hessian_inverse_cholesky(h: torch.Tensor, damp: float, name: str = "") -> to
 
     Computed without forming the inverse: with ``J`` the order reversal, ``J H J = L L^T`` gives
     ``H = R R^T`` for the upper triangular ``R = J L J``, so ``U = R^-1``: one Cholesky factorisation and
-    one triangular solve.
+    one triangular solve. ``h`` is not modified.
     """
-    mean_diag = torch.diagonal(h).mean().clamp(min=1e-12)
-    cols = h.shape[0]
-    eye_idx = torch.arange(cols, device=h.device)
-    eye = torch.eye(cols, dtype=h.dtype, device=h.device)
+    return _inverse_cholesky(lambda: h.flip(0, 1), torch.diagonal(h).double().mean(), damp, name)
+
+
+def _inverse_cholesky(reversed_h: Callable[[], torch.Tensor], mean_diag: torch.Tensor, damp: float, name: str = "") -> torch.Tensor:
+    """:func:`hessian_inverse_cholesky` of ``H`` given ``reversed_h()``, a fresh ``J H J`` that this function
+    may overwrite, and the mean of ``H``'s diagonal.
+
+    Memory stays at two ``cols x cols`` float64 matrices: the factorisation runs in place, the flipped
+    factor replaces it, and the triangular solve writes into its identity right-hand side. Column-major
+    layouts throughout, as ``torch.linalg`` itself returns them (which keeps the results bit-identical to
+    the plain out-of-place calls). ``reversed_h`` is called again for each dampening retry instead of
+    keeping a copy of ``H`` around for them.
+    """
+    mean_diag = mean_diag.clamp(min=1e-12)
     lam = max(damp, 1e-8) * mean_diag
     for attempt in range(6):
-        hd = h.flip(0, 1).clone()
-        hd[eye_idx, eye_idx] += lam
-        chol, info = torch.linalg.cholesky_ex(hd)
+        hd = _column_major_float64(reversed_h())
+        cols = hd.shape[0]
+        torch.diagonal(hd).add_(lam)
+        info = torch.empty((), dtype=torch.int32, device=hd.device)
+        chol, info = torch.linalg.cholesky_ex(hd, out=(hd, info))  # in place: J (H + lambda I) J = L L^T
+        del hd
         if info == 0:
             r = chol.flip(0, 1)  # upper triangular, H + lambda I = R R^T
-            u = torch.linalg.solve_triangular(r, eye, upper=True)
+            del chol
+            u = torch.eye(cols, dtype=torch.float64, device=r.device).t()  # column-major right-hand side
+            torch.linalg.solve_triangular(r, u, upper=True, out=u)
+            del r
             if torch.isfinite(u).all():
                 if attempt:
                     logger.warning("%s: Hessian needed dampening %.3g x mean diagonal to factorise.", name or "layer", float(lam / mean_diag))
                 return u
+            del u
+        else:
+            del chol
         lam = lam * 10
     raise FloatingPointError(f"{name or 'layer'}: the calibration Hessian could not be factorised even with strong dampening.")
+
+
+def _column_major_float64(m: torch.Tensor) -> torch.Tensor:
+    """``m`` as a column-major float64 matrix (``m`` itself when it already is one)."""
+    if m.dtype == torch.float64 and m.stride() == (1, m.shape[0]):
+        return m
+    out = torch.empty(m.shape[1], m.shape[0], dtype=torch.float64, device=m.device).t()
+    out.copy_(m)
+    return out
 
 
 def quant_objective(weight: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -139,17 +168,25 @@ def gptq_quantize(
         raise ValueError("method='gptq' quantizes weights: set bits (2, 3, 4, 5, 6 or 8).")
     bits, gs, sym = spec.bits, spec.group_size, spec.symmetric
     sdtype = scale_torch_dtype(spec.scale_dtype)
-    w, h, _ = prepare_hessian(weight, hessian)
-    rows, cols = w.shape
+    rows, cols = weight.shape
+    if hessian.shape != (cols, cols):
+        raise ValueError(f"The Hessian has shape {tuple(hessian.shape)}; expected {(cols, cols)} for a weight {tuple(weight.shape)}.")
+    if not torch.isfinite(hessian).all():
+        raise FloatingPointError("The calibration Hessian has non-finite entries (inf/NaN activations in the model).")
+    # The values of prepare_hessian (float64, dead inputs neutralised), built directly in the permuted
+    # order without full-size intermediate copies: the cols x cols matrices dominate GPTQ's memory.
+    diag = torch.diagonal(hessian).to(torch.float64)
+    dead = diag <= 0
+    diag[dead] = 1.0
     g = cols if gs is None or gs >= cols else gs
     ngroups = num_groups(cols, gs)
     group_of = torch.arange(cols) // g
 
-    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(cols)
-    h = h[perm][:, perm]
-    u = hessian_inverse_cholesky(h, damp, name)
+    perm = torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(cols)
+    u = _inverse_cholesky(lambda: _reversed_hessian(hessian, perm, dead), diag[perm].mean(), damp, name)
     # Work on the transpose: column j of W is the contiguous row wt[j], so per-column updates are cheap.
-    wt = w.t()[perm].contiguous()
+    wt = weight.detach().t()[perm].to(torch.float64, memory_format=torch.contiguous_format)
+    wt[dead[perm]] = 0.0
     gperm = group_of[perm].tolist()  # group of the column at each permuted position
     pos_of = torch.empty(cols, dtype=torch.long)
     pos_of[perm] = torch.arange(cols)
@@ -157,16 +194,32 @@ def gptq_quantize(
     scale = torch.empty(rows, ngroups, dtype=sdtype)
     zero = None if sym else torch.empty(rows, ngroups, dtype=torch.uint8)
     ready = [False] * ngroups
-    codes_t = torch.empty(cols, rows, dtype=torch.float64)
+    codes_t = torch.empty(cols, rows, dtype=torch.uint8)
 
     with few_threads(1):
         _gptq_loop(wt, u, gperm, pos_of, g, block_size, bits, sym, sdtype, spec.clip, scale, zero, codes_t, ready)
-    codes = codes_t[pos_of].t().to(torch.uint8).contiguous()
+    del u, wt
+    codes = codes_t[pos_of].t().contiguous()
     return QuantizedWeight(codes=codes, scale=scale, zero=zero, bits=bits, group_size=gs)
 
 
+def _reversed_hessian(hessian: torch.Tensor, perm: torch.Tensor, dead: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    """``J P^T H P J`` as a column-major float64 matrix (``P`` the column permutation, ``J`` the order
+    reversal), dead inputs given a unit diagonal; written a block of columns at a time, so the only
+    temporaries are ``cols x chunk``."""
+    cols = hessian.shape[0]
+    order = perm.flip(0)
+    out = torch.empty(cols, cols, dtype=torch.float64, device=hessian.device).t()
+    for c0 in range(0, cols, chunk):
+        out[:, c0 : c0 + chunk] = hessian[:, order[c0 : c0 + chunk]][order]
+    idx = torch.nonzero(dead[order]).flatten()
+    out[idx, idx] = 1.0
+    return out
+
+
 def _gptq_loop(wt, u, gperm, pos_of, g, block_size, bits, sym, sdtype, clip, scale, zero, codes_t, ready) -> None:
-    """The column loop of GPTQ on the transposed, permuted weight ``wt[cols, rows]`` (float64, in place)."""
+    """The column loop of GPTQ on the transposed, permuted weight ``wt[cols, rows]`` (float64, in place);
+    the codes of permuted column ``j`` go to ``codes_t[j]``."""
     cols, rows = wt.shape
     maxq = (1 << bits) - 1
     s_t = torch.empty(scale.shape[1], rows, dtype=torch.float64)

@@ -47,6 +47,7 @@ from ..formats.base import CompressedWeight
 from ..modules import CompressedModule, compressed_twin, set_submodule
 from ..spec import LayerSpec
 from .blocks import BlockInputs, capture_block_inputs, find_blocks, first_tensor, model_call_kwargs
+from .memory import trim_heap
 from .stats import InputRecorder, LayerStats, StatsCollector, StopPass
 
 logger = logging.getLogger("hfcompress.calibration")
@@ -182,8 +183,11 @@ class _Run:
             weight = dense.weight.detach()
             w2d = weight.reshape(weight.shape[0], -1).to(torch.float32, copy=True)
             stats = collector.stats(name) if collector is not None else LayerStats()
-            if collector is not None and collector.nsamples(name) == 0 and not isinstance(dense, nn.Embedding):
-                logger.warning("%s received no calibration input; it is compressed with identity statistics.", name)
+            if collector is not None:
+                if stats.nsamples == 0 and not isinstance(dense, nn.Embedding):
+                    logger.warning("%s received no calibration input; it is compressed with identity statistics.", name)
+                collector.release(name)  # the float64 sums are no longer needed: free them before the method runs
+            trim_heap()  # the method's workspace starts from what this layer holds, not from past layers' debris
             start = time.perf_counter()
             cw: CompressedWeight = self.method.compress_layer(w2d, stats, spec, self.method_args)
             seconds = time.perf_counter() - start
@@ -197,9 +201,7 @@ class _Run:
             set_submodule(self.model, name, twin)
             self.replaced[name] = dense
             twins[name] = twin
-            if collector is not None:
-                collector.release(name)
-            del stats
+            del stats, cw, w2d
         return twins
 
     def rollback(self) -> None:

@@ -23,8 +23,11 @@ pooled, an approximation since each group of filters sees its own channels). An 
 exact per row, so its statistics are the identity (GPTQ then reduces to round-to-nearest).
 
 Products are computed in float32 per batch (bfloat16 for bfloat16 models, see :func:`_gram`) and
-accumulated in float64, so long calibration runs lose no precision. Modules that read the very same input tensor (``q/k/v_proj``, ``gate/up_proj``) share the
-product computation.
+accumulated in float64 (added in place, widened element by element), so long calibration runs lose no
+precision. Modules that read the very same input tensor (``q/k/v_proj``, ``gate/up_proj``) share the
+product computation. Memory: one float64 ``cols x cols`` accumulator per hooked module plus one float32
+product of the current batch; :meth:`StatsCollector.stats` converts without full-size temporaries and
+:meth:`StatsCollector.release` frees a module's accumulators (the pipeline does so before compressing it).
 """
 
 from __future__ import annotations
@@ -90,12 +93,12 @@ def layer_inputs_2d(module: nn.Module, x: torch.Tensor, dtype: torch.dtype | Non
 
 
 def _gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a^T b`` in float64. bfloat16 inputs multiply in bfloat16 (float32 accumulation inside the kernel,
-    about twice as fast on CPUs with bf16 dot products; the rounding of each batch's product averages out
-    over batches), everything else in float32."""
+    """``a^T b`` of one batch, to be added to a float64 accumulator. bfloat16 inputs multiply in bfloat16
+    (float32 accumulation inside the kernel, about twice as fast on CPUs with bf16 dot products; the
+    rounding of each batch's product averages out over batches), everything else in float32."""
     if not (a.dtype == b.dtype == torch.bfloat16):
         a, b = a.float(), b.float()
-    return (a.t() @ b).double()
+    return a.t() @ b
 
 
 class StopPass(Exception):
@@ -112,10 +115,28 @@ class _Accumulator:
         self.n = 0
 
 
-def _add(acc: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor | None:
+def _add(acc: torch.Tensor | None, value: torch.Tensor | None, chunk: int = 256) -> torch.Tensor | None:
+    """``acc + value`` in float64, in place. ``value`` is widened a block of rows at a time: a mixed-dtype
+    ``add_`` on CPU would first copy all of it to float64."""
     if value is None:
         return acc
-    return value.clone() if acc is None else acc.add_(value)
+    if acc is None:
+        return value.to(torch.float64, copy=True)
+    if value.dim() < 2 or value.dtype == torch.float64:
+        return acc.add_(value)
+    for r0 in range(0, value.shape[0], chunk):
+        acc[r0 : r0 + chunk].add_(value[r0 : r0 + chunk])
+    return acc
+
+
+def _scaled_float32(total: torch.Tensor, factor: float, chunk: int = 256) -> torch.Tensor:
+    """``(total * factor).float()`` computed a block of rows at a time (no float64 temporary of full size)."""
+    if total.dim() < 2:
+        return (total * factor).float()
+    out = torch.empty(total.shape, dtype=torch.float32, device=total.device)
+    for r0 in range(0, total.shape[0], chunk):
+        out[r0 : r0 + chunk] = total[r0 : r0 + chunk] * factor
+    return out
 
 
 class StatsCollector:
@@ -206,7 +227,7 @@ class StatsCollector:
             x2 = layer_inputs_2d(module, x, None if x.dtype == torch.bfloat16 else torch.float32)
             n = x2.shape[0]
             xtx = _gram(x2, x2) if "hessian" in self.needs or "dense_cross" in self.needs else None
-            sq = x2.float().pow(2).sum(0).double() if "act_sq" in self.needs else None
+            sq = x2.float().pow(2).sum(0) if "act_sq" in self.needs else None
             cross = None
             if ref is not None:
                 ref2 = layer_inputs_2d(module, ref, None if ref.dtype == torch.bfloat16 else torch.float32)
@@ -231,13 +252,13 @@ class StatsCollector:
         if acc.n == 0:
             cols = module.weight.reshape(module.weight.shape[0], -1).shape[1]
             return identity_stats(cols, self.needs, module.weight.device)
-        hessian = (acc.xtx * (2.0 / acc.n)).float() if acc.xtx is not None else None
+        hessian = _scaled_float32(acc.xtx, 2.0 / acc.n) if acc.xtx is not None else None
         act_sq = acc.sq.float() if acc.sq is not None else None
-        cross = (acc.cross * (2.0 / acc.n)).float() if acc.cross is not None else None
+        cross = _scaled_float32(acc.cross, 2.0 / acc.n) if acc.cross is not None else None
         return LayerStats(hessian=hessian, act_sq=act_sq, nsamples=acc.n, dense_cross=cross)
 
     def release(self, name: str) -> None:
-        """Free the accumulators of ``name``."""
+        """Free the accumulators of ``name`` (:meth:`stats` then gives identity statistics for it)."""
         self._acc[name] = _Accumulator()
 
 

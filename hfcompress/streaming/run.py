@@ -389,6 +389,7 @@ def compress_checkpoint(
                 _compress_identity(model, head, plan, method, config.method_args)
             tensors = _head_tensors(model, prefixes, tied)
             emit(tensors, 1, hidden if not method.data_free else None, last=not block_list)
+            del tensors  # written: do not hold the non-block weights while the blocks run
         # free the non-block weights: compressed twins and dense tensors alike go back to meta
         for name in head:
             if isinstance(model.get_submodule(name), CompressedModule):
