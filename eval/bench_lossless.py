@@ -199,7 +199,7 @@ def bench_load(name: str, tmp: Path, repeats: int) -> None:
 
 
 _MEMORY_PROBE = """
-import sys, time, torch
+import hashlib, sys, time, torch
 import hfcompress
 from transformers import AutoModelForCausalLM
 torch.set_num_threads(int(sys.argv[3]))
@@ -219,11 +219,12 @@ times, cpu = [], []
 with torch.inference_mode():
     for _ in range(3):
         t0, c0 = time.perf_counter(), time.process_time()
-        model(ids)
+        logits = model(ids).logits
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
 after = status()
 print(base['RssAnon'], base['RssFile'], loaded['RssAnon'], loaded['RssFile'], after['RssAnon'], after['RssFile'], after['VmHWM'], load_s, load_cpu, min(times), min(cpu))
+print(hashlib.sha256(logits.float().numpy().tobytes()).hexdigest())
 """
 
 
@@ -238,13 +239,15 @@ def bench_memory(name: str, tmp: Path) -> None:
         "  resident memory over the imports (MB; anon = process memory, file-backed = memory-mapped checkpoint pages, "
         "which the kernel can drop; weights 269 MB in bf16):"
     )
+    digests = {}
     for label, folder, mode in rows:
         out = subprocess.run(
             [sys.executable, "-c", _MEMORY_PROBE, str(folder), mode, str(torch.get_num_threads())],
             capture_output=True, text=True, check=True,
         ).stdout.split()
+        digests[label] = out[-1]
         base, base_file, anon, file_, anon_after, file_after, hwm, load_s, load_cpu, fwd_s, fwd_cpu = (
-            float(x) for x in out[-11:]
+            float(x) for x in out[-12:-1]
         )
         print(
             f"    {label:48s} after load: anon +{anon - base:5.1f}, file-backed +{file_ - base_file:5.1f}; after 3 "
@@ -252,6 +255,7 @@ def bench_memory(name: str, tmp: Path) -> None:
             f"peak RSS {hwm:5.1f}; load {load_s:.2f} s ({load_cpu:.2f} CPU s), forward {fwd_s * 1e3:.0f} ms "
             f"({fwd_cpu * 1e3:.0f} CPU ms)"
         )
+    print(f"    logits bit-identical across the four rows: {len(set(digests.values())) == 1}")
 
 
 def bench_w4(name: str, tmp: Path) -> None:

@@ -232,3 +232,10 @@ def test_lazy_model_saves_over_its_own_checkpoint(lossless_dir, eager, tmp_path)
     assert_same_state(load(path, "load"), eager)
     with torch.no_grad():
         assert torch.equal(model(IDS).logits, eager(IDS).logits)
+
+
+def test_generate_matches_eager(lossless_dir, eager):
+    model = load(lossless_dir, "lazy")
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(IDS[:1, :8], **kwargs), eager.generate(IDS[:1, :8], **kwargs))
+    assert deferred(model)  # every step decoded and released again
