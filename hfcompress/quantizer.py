@@ -20,6 +20,7 @@ one :class:`~hfcompress.lossless.LosslessFormatError` naming the tensors.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -63,6 +64,15 @@ class HfCompressQuantizer(HfQuantizer):
 
     def __init__(self, quantization_config: HfCompressConfig, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)
+        config = self.quantization_config
+        if not config.lossless and config.lossless_decode != "load":
+            # a loading attribute passed to from_pretrained of a checkpoint without the lossless stage
+            warnings.warn(
+                f"lossless_decode={config.lossless_decode!r} is ignored: this checkpoint has no lossless stage "
+                "(its quantization_config has lossless=False); its weights load as stored.",
+                stacklevel=2,
+            )
+            config.lossless_decode = "load"
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         config = self.quantization_config

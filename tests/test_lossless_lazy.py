@@ -239,3 +239,12 @@ def test_generate_matches_eager(lossless_dir, eager):
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(IDS[:1, :8], **kwargs), eager.generate(IDS[:1, :8], **kwargs))
     assert deferred(model)  # every step decoded and released again
+
+
+def test_deferred_decoding_asked_of_a_checkpoint_without_the_stage_is_ignored(dense_dir, tmp_path):
+    AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=HfCompressConfig(bits=4)).save_pretrained(tmp_path / "w4")
+    with pytest.warns(UserWarning, match="lossless_decode='lazy' is ignored: this checkpoint has no lossless stage"):
+        model = load(tmp_path / "w4", "lazy")
+    assert model.config.quantization_config.lossless_decode == "load" and not deferred(model)
+    model.save_pretrained(tmp_path / "again")  # the saved config stays valid
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "again").config.quantization_config.lossless is False
