@@ -4,8 +4,9 @@ Float weights (bfloat16, float16, float32) keep sign and mantissa raw and entrop
 1-byte tensors (bit-packed integer codes, masks, float8) entropy-code their bytes. Payloads are chunked
 (chunks decode in parallel threads), checksummed (damage raises :class:`LosslessFormatError`, never wrong
 values) and self-describing (dtype and shape are in the header). Checkpoints decode on load or, with
-``HfCompressConfig(lossless_decode="lazy" | "first_forward")``, at forward time (:mod:`hfcompress.lossless.lazy`). See :mod:`hfcompress.lossless.codec` for the
-byte layout and :mod:`hfcompress.formats.lossless` for how payloads are stored in checkpoints.
+``HfCompressConfig(lossless_decode="lazy" | "first_forward")``, at forward time
+(:mod:`hfcompress.lossless.lazy`). See :mod:`hfcompress.lossless.codec` for the byte layout and
+:mod:`hfcompress.formats.lossless` for how payloads are stored in checkpoints.
 """
 
 from .codec import (

@@ -1,11 +1,13 @@
 """Deferred decoding of lossless checkpoints: ``HfCompressConfig(lossless=True, lossless_decode=...)``.
 
 ``"load"`` (the default) decodes every coded tensor inside ``from_pretrained``. The two deferred modes keep
-each coded tensor's payload (its entropy-coded bytes, ~2/3 of bf16) in memory instead, and put a
-placeholder in the model: a tensor of the right shape, dtype and device whose storage is one NaN (or zero)
-element broadcast over the shape, so the model reports its usual shapes, dtype and device while holding
-almost nothing. A forward pre-hook on every module that holds such a tensor decodes it right before the
-module runs:
+each coded tensor's payload (its entropy-coded bytes, ~2/3 of bf16) instead, as the loader read it: memory-
+mapped from the checkpoint file, the way transformers maps a plain checkpoint's weights (page cache the
+kernel can drop and re-read; ``save_pretrained`` copies payloads before writing, so saving over the source
+folder is safe). The model gets a placeholder: a tensor of the right shape, dtype and device whose
+storage is one NaN (or zero) element broadcast over the shape, so the model reports its usual shapes,
+dtype and device while holding almost nothing. A forward pre-hook on every module that holds such a
+tensor decodes it right before the module runs:
 
 * ``"lazy"``: the decoded tensor is dropped again after the module's forward (the placeholder comes back),
   so resident weights stay at the coded size and at most a few modules' decoded weights exist at a time.
