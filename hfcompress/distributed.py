@@ -1,10 +1,10 @@
 """Data-parallel calibration over ``torch.distributed`` (launched with ``accelerate launch`` or ``torchrun``).
 
 Every process runs the same script; each one forwards its own share of the calibration batches
-(:func:`shard_batches`: batch ``b`` goes to rank ``b % world_size``) through the current block. Inside
-:func:`reduced_statistics`, the float64 accumulators of the pipeline's statistics collectors (``sum x x^T``,
-``sum x**2``, the token count) are summed over the processes the moment a module's statistics are read,
-before ``compress_layer`` runs. Every rank then holds the statistics a single process would have
+(:func:`shard_batches`: batch ``b`` goes to rank ``b % world_size``) through the current block. The
+statistics reducer :func:`all_reduce_sums` (passed as ``reduce=`` to the calibration pipeline, or set for
+a block of code by :func:`reduced_statistics`) sums the float64 statistics of each module (``sum x x^T``,
+``sum x**2``, the token count) over the processes the moment they are read, before ``compress_layer`` runs. Every rank then holds the statistics a single process would have
 accumulated over all batches, up to the order of the float64 additions (which, after the cast to the
 float32 statistics methods receive, almost never shows), and runs the deterministic algorithm on them: all
 ranks hold the same compressed block, compute their next hidden states from it, and rank 0 writes files.
@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 __all__ = [
     "all_reduce_layer_stats",
+    "all_reduce_sums",
     "data_parallel_method",
     "reduced_statistics",
     "barrier",
@@ -153,65 +154,47 @@ def data_parallel_method(method: Any) -> Any:
     return dataclasses.replace(method, compress_layer=compress_layer)
 
 
-def _slots(needs: frozenset[str], cols: int) -> list[tuple[str, tuple[int, ...]]]:
-    """The float64 accumulators of a StatsCollector entry that ``needs`` fills, with their shapes."""
-    slots = []
-    if needs & {"hessian", "dense_cross"}:
-        slots.append(("xtx", (cols, cols)))
-    if "act_sq" in needs:
-        slots.append(("sq", (cols,)))
-    if "dense_cross" in needs:
-        slots.append(("cross", (cols, cols)))
-    return slots
+def all_reduce_sums(name: str, sums: Any) -> Any:
+    """A statistics reducer (see :mod:`hfcompress.calibration.stats`): ``sums`` of module ``name`` summed
+    over the process group.
 
-
-def _all_reduce_accumulator(collector: Any, name: str) -> None:
-    acc = collector._acc[name]
-    module = collector.modules[name]
-    cols = module.weight.reshape(module.weight.shape[0], -1).shape[1]
-    device = module.weight.device
-    count = torch.tensor([float(acc.n)], dtype=torch.float64).to(_reduce_device())
+    The float64 sums and the token count are all-reduced before the collector normalises them, so every
+    rank gets what one process would have accumulated over all batches, up to the order of float64
+    additions. Every rank must read the same modules in the same order (the pipeline walks the same plan
+    on all of them), which keeps the collective calls matched. In a single process ``sums`` is returned.
+    """
+    if not is_distributed():
+        return sums
+    device = _reduce_device()
+    count = torch.tensor([float(sums.nsamples)], dtype=torch.float64, device=device)
     dist.all_reduce(count)
-    for slot, shape in _slots(collector.needs, cols):
-        value = getattr(acc, slot, None)
+    values = {}
+    for field in ("xtx", "act_sq", "cross"):
+        value = getattr(sums, field)
         if value is None:
-            value = torch.zeros(shape, dtype=torch.float64, device=device)
-        red = value.to(_reduce_device())
+            continue
+        red = value.to(device)
         dist.all_reduce(red)
-        setattr(acc, slot, red.to(device))
-    acc.n = int(count.item())
-    if acc.n == 0:  # no rank saw it: the collector's identity-statistics convention
-        for slot, _ in _slots(collector.needs, cols):
-            setattr(acc, slot, None)
+        values[field] = red.to(value.device)
+    return dataclasses.replace(sums, **values, nsamples=int(count.item()))
 
 
 @contextlib.contextmanager
 def reduced_statistics() -> Iterator[None]:
-    """Inside this context, every :class:`~hfcompress.calibration.stats.StatsCollector` sums its float64
-    accumulators over the process group the first time a module's statistics are read.
+    """Inside this context, every :class:`~hfcompress.calibration.stats.StatsCollector` created (e.g. by
+    :func:`hfcompress.oneshot`) sums its float64 statistics over the process group with
+    :func:`all_reduce_sums` before a method reads them.
 
-    This is exact up to the order of float64 additions (a 2-way sum of partial sums instead of one running
-    sum), so the float32 statistics the method receives are nearly always bit-identical to one process's;
-    :func:`all_reduce_layer_stats` works from the float32 statistics instead and is only float32-accurate,
-    which GPTQ's sequential error feedback can amplify into different roundings. Collectors are read in
-    plan order on every rank, which keeps the collective calls matched. A no-op in a single process.
+    This is exact up to the order of float64 additions (a sum of per-rank partial sums instead of one
+    running sum), so the float32 statistics the method receives are nearly always bit-identical to one
+    process's; :func:`all_reduce_layer_stats` works from the float32 statistics instead and is only
+    float32-accurate, which GPTQ's sequential error feedback can amplify into different roundings.
+    A no-op in a single process.
     """
     if not is_distributed():
         yield
         return
-    from .calibration.stats import StatsCollector
+    from .calibration.stats import reducing
 
-    original = StatsCollector.stats
-
-    def stats(self, name: str):
-        done = self.__dict__.setdefault("_hfcompress_reduced", set())
-        if name not in done:
-            _all_reduce_accumulator(self, name)
-            done.add(name)
-        return original(self, name)
-
-    StatsCollector.stats = stats
-    try:
+    with reducing(all_reduce_sums):
         yield
-    finally:
-        StatsCollector.stats = original

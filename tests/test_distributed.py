@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM
 
 from hfcompress import HfCompressConfig, distributed
-from hfcompress.calibration.stats import StatsCollector
+from hfcompress.calibration.stats import LayerSums, StatsCollector, reducing
 from hfcompress.models import tiny_llama
 from hfcompress.modules import compressed_modules
 from hfcompress.streaming import compress_checkpoint
@@ -38,8 +39,14 @@ SCRIPT = textwrap.dedent(
         for x in distributed.shard_batches(xs):
             layer(x)
     reduced = distributed.all_reduce_layer_stats(collector.stats("l"))
+    # the same through the collector's reducer hook (float64 sums all-reduced before normalisation)
+    with StatsCollector({"l": layer}, {"hessian", "act_sq"}, reduce=distributed.all_reduce_sums) as hooked:
+        for x in distributed.shard_batches(xs):
+            layer(x)
+    summed = hooked.stats("l")
     if distributed.rank() == 0:
-        torch.save({"hessian": reduced.hessian, "act_sq": reduced.act_sq, "n": reduced.nsamples}, stats_out)
+        torch.save({"hessian": reduced.hessian, "act_sq": reduced.act_sq, "n": reduced.nsamples,
+                    "hook_hessian": summed.hessian, "hook_act_sq": summed.act_sq, "hook_n": summed.nsamples}, stats_out)
     # 2. streaming GPTQ on a tiny Llama, each rank on half of the calibration batches
     ids = torch.randint(1, 256, (8, 16), generator=torch.Generator().manual_seed(0))
     config = HfCompressConfig(method="gptq", bits=4, group_size=32)
@@ -73,6 +80,45 @@ def test_single_process_helpers_are_identity():
     assert distributed.all_reduce_layer_stats(stats) is stats
 
 
+def test_statistics_reducer_hook_sees_float64_sums_once():
+    torch.manual_seed(0)
+    seen, quiet = nn.Linear(6, 3), nn.Linear(6, 3)
+    x = torch.randn(2, 5, 6)
+    calls = []
+
+    def double(name, sums):  # as if a second process had seen the very same inputs
+        calls.append((name, sums.xtx.dtype, sums.nsamples, sums.cross))
+        act_sq = None if sums.act_sq is None else sums.act_sq * 2
+        return LayerSums(xtx=sums.xtx * 2, act_sq=act_sq, nsamples=sums.nsamples * 2)
+
+    with StatsCollector({"seen": seen, "quiet": quiet}, {"hessian", "act_sq"}, reduce=double) as collector:
+        seen(x)
+    x2 = x.reshape(-1, 6).double()
+    got = collector.stats("seen")
+    assert collector.stats("seen").nsamples == got.nsamples == 20  # the reducer runs once per module
+    torch.testing.assert_close(got.hessian, (2 * x2.t() @ x2 / 10).float())  # 2 (2 X^T X) / (2 n): unchanged
+    torch.testing.assert_close(got.act_sq, (2 * x2.pow(2).sum(0)).float())
+    # a module nobody fed: the reducer gets zero sums of the right shapes; zero samples -> identity statistics
+    idle = collector.stats("quiet")
+    assert torch.equal(idle.hessian, torch.eye(6)) and idle.nsamples == 0
+    assert calls == [("seen", torch.float64, 10, None), ("quiet", torch.float64, 0, None)]
+    calls.clear()
+
+    # reducing(): collectors created inside use it; an explicit reduce= wins; bad reducers are named
+    with reducing(double):
+        with StatsCollector({"seen": seen}, {"hessian"}) as inherited:
+            seen(x)
+        with StatsCollector({"seen": seen}, {"hessian"}, reduce=lambda n, s: s) as explicit:
+            seen(x)
+    assert inherited.stats("seen").nsamples == 20 and explicit.stats("seen").nsamples == 10
+    with pytest.raises(TypeError, match="reduce="):
+        StatsCollector({"seen": seen}, {"hessian"}, reduce="sum")
+    with StatsCollector({"seen": seen}, {"hessian"}, reduce=lambda n, s: s.xtx) as bad:
+        seen(x)
+    with pytest.raises(TypeError, match="must return a LayerSums"):
+        bad.stats("seen")
+
+
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_process(tmp_path):
     src = tmp_path / "dense"
@@ -97,6 +143,9 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert got["n"] == full.nsamples == 90
     torch.testing.assert_close(got["hessian"], full.hessian, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got["act_sq"], full.act_sq, rtol=1e-6, atol=1e-6)
+    assert got["hook_n"] == 90
+    torch.testing.assert_close(got["hook_hessian"], full.hessian, rtol=1e-12, atol=0)  # float64 sums: float32-exact
+    torch.testing.assert_close(got["hook_act_sq"], full.act_sq, rtol=1e-12, atol=0)
 
     # the compressed model: same format, same weights
     config = HfCompressConfig(method="gptq", bits=4, group_size=32)

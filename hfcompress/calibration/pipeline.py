@@ -48,7 +48,7 @@ from ..modules import CompressedModule, compressed_twin, set_submodule
 from ..spec import LayerSpec
 from .blocks import BlockInputs, capture_block_inputs, find_blocks, first_tensor, model_call_kwargs
 from .memory import trim_heap
-from .stats import InputRecorder, LayerStats, StatsCollector, StopPass
+from .stats import InputRecorder, LayerStats, StatsCollector, StopPass, SumsReducer
 
 logger = logging.getLogger("hfcompress.calibration")
 
@@ -301,8 +301,13 @@ def run_calibration(
     blocks: str | None = None,
     true_sequential: bool = False,
     show_progress: bool = True,
+    reduce: SumsReducer | None = None,
 ) -> dict[str, LayerResult]:
     """Compress the modules of ``plan`` in place with the calibrated ``method`` (see module docstring).
+
+    ``reduce`` is handed to every :class:`~.stats.StatsCollector` of the run: it combines each module's
+    float64 sums before the method sees them (e.g. :func:`hfcompress.distributed.all_reduce_sums` under
+    data-parallel calibration). Without it, the collectors use the one set by :func:`.stats.reducing`, if any.
 
     On an exception every replaced module is put back, so the model is left as it was.
     """
@@ -322,7 +327,7 @@ def run_calibration(
     model.eval()
     try:
         outside_modules = {n: model.get_submodule(n) for n in outside}
-        with StatsCollector(outside_modules, _pre_needs(needs)) as pre_collector:
+        with StatsCollector(outside_modules, _pre_needs(needs), reduce) as pre_collector:
             block_inputs = capture_block_inputs(model, block_list, batches)
         first_hidden = block_inputs.hidden  # what the uncompressed model feeds block 0
         early = [n for n in outside if pre_collector.nsamples(n) > 0]
@@ -351,7 +356,7 @@ def run_calibration(
                     next_dense: list[torch.Tensor] = []
                     for stage in stages:
                         modules = {n: model.get_submodule(n) for n in stage}
-                        with StatsCollector(modules, needs) as collector, _decoded_stand_ins(model, run.replaced, twins) as stand_ins:
+                        with StatsCollector(modules, needs, reduce) as collector, _decoded_stand_ins(model, run.replaced, twins) as stand_ins:
                             collector.stop_early = True  # the block's output is not needed in this pass
                             for b, h in enumerate(hidden):
                                 if use_dense:
@@ -385,7 +390,7 @@ def run_calibration(
         if late:  # modules after the blocks (poolers, heads that are not ignored)
             modules = {n: model.get_submodule(n) for n in late}
             extra = model_call_kwargs(model)
-            with StatsCollector(modules, needs) as collector:
+            with StatsCollector(modules, needs, reduce) as collector:
                 for batch in batches:
                     if use_dense:
                         collector.active = False

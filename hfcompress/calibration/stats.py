@@ -28,17 +28,36 @@ precision. Modules that read the very same input tensor (``q/k/v_proj``, ``gate/
 product computation. Memory: one float64 ``cols x cols`` accumulator per hooked module plus one float32
 product of the current batch; :meth:`StatsCollector.stats` converts without full-size temporaries and
 :meth:`StatsCollector.release` frees a module's accumulators (the pipeline does so before compressing it).
+
+A *reducer* (``reduce=`` of :class:`StatsCollector` and of
+:func:`~hfcompress.calibration.pipeline.run_calibration`, or :func:`reducing` for every collector created
+in a block of code) sees each module's raw float64 sums (:class:`LayerSums`) once, right before they are
+normalised into the :class:`LayerStats` a method receives, and returns the sums to use instead.
+:func:`hfcompress.distributed.all_reduce_sums` is the reducer that sums them over a process group.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["InputRecorder", "LayerStats", "StopPass", "StatsCollector", "identity_stats", "layer_inputs_2d"]
+__all__ = [
+    "InputRecorder",
+    "LayerStats",
+    "LayerSums",
+    "StopPass",
+    "StatsCollector",
+    "SumsReducer",
+    "identity_stats",
+    "layer_inputs_2d",
+    "reducing",
+]
 
 
 @dataclass
@@ -49,6 +68,44 @@ class LayerStats:
     act_sq: torch.Tensor | None = None  # float32 [cols], sum x**2
     nsamples: int = 0
     dense_cross: torch.Tensor | None = None  # float32 [cols, cols], 2/n * sum x_dense x^T (only when asked for)
+
+
+@dataclass
+class LayerSums:
+    """The float64 sums behind one module's :class:`LayerStats`, as a :class:`StatsCollector` accumulates them.
+
+    ``xtx = sum_t x_t x_t^T`` (``[cols, cols]``), ``act_sq = sum_t x_t**2`` (``[cols]``),
+    ``cross = sum_t xd_t x_t^T`` (``[cols, cols]``) and ``nsamples = n``; a field is ``None`` when the
+    method does not need it. Handed to a reducer, every needed field is a tensor (zeros when the module
+    saw no input), so all processes of a group present the same fields.
+    """
+
+    xtx: torch.Tensor | None = None
+    act_sq: torch.Tensor | None = None
+    cross: torch.Tensor | None = None
+    nsamples: int = 0
+
+
+#: ``reduce(module_name, sums) -> sums``: combines a module's sums before they are normalised (see module docstring)
+SumsReducer = Callable[[str, LayerSums], LayerSums]
+
+_REDUCER: ContextVar[SumsReducer | None] = ContextVar("hfcompress_sums_reducer", default=None)
+
+
+@contextlib.contextmanager
+def reducing(reduce: SumsReducer | None) -> Iterator[None]:
+    """Every :class:`StatsCollector` created inside this block and not given ``reduce=`` itself uses ``reduce``.
+
+    This is how code that does not pass collectors around (e.g. :func:`hfcompress.oneshot`) gets its
+    statistics reduced; ``None`` switches reduction off inside the block.
+    """
+    if reduce is not None and not callable(reduce):
+        raise TypeError(f"reduce={reduce!r} must be a callable (name, LayerSums) -> LayerSums, or None.")
+    token = _REDUCER.set(reduce)
+    try:
+        yield
+    finally:
+        _REDUCER.reset(token)
 
 
 def identity_stats(cols: int, needs: frozenset[str], device: torch.device | str = "cpu") -> LayerStats:
@@ -149,9 +206,16 @@ class StatsCollector:
         stats = collector.stats("mlp.up_proj")
     """
 
-    def __init__(self, modules: dict[str, nn.Module], needs: frozenset[str] | set[str]) -> None:
+    def __init__(
+        self, modules: dict[str, nn.Module], needs: frozenset[str] | set[str], reduce: SumsReducer | None = None
+    ) -> None:
+        if reduce is not None and not callable(reduce):
+            raise TypeError(f"reduce={reduce!r} must be a callable (name, LayerSums) -> LayerSums, or None.")
         self.modules = dict(modules)
         self.needs = frozenset(needs)
+        #: applied to each module's sums once, when its statistics are first read (default: :func:`reducing`'s)
+        self.reduce: SumsReducer | None = reduce if reduce is not None else _REDUCER.get()
+        self._reduced: set[str] = set()
         self._acc = {name: _Accumulator() for name in self.modules}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._last: tuple | None = None  # (module, input, reference, x^T x, sum x^2, xd^T x, n) of the latest call
@@ -243,10 +307,48 @@ class StatsCollector:
 
     # ------------------------------------------------------------------ results
     def nsamples(self, name: str) -> int:
+        """Vectors seen by module ``name`` (in this process until :meth:`stats` has applied the reducer)."""
         return self._acc[name].n
 
+    def sums(self, name: str) -> LayerSums:
+        """The float64 sums of module ``name``, every needed field a tensor (zeros if it saw no input).
+
+        The tensors are the collector's own accumulators, not copies."""
+        acc = self._acc[name]
+        weight = self.modules[name].weight
+        cols = weight.reshape(weight.shape[0], -1).shape[1]
+
+        def field(value, shape, needed):
+            if not needed:
+                return None
+            return value if value is not None else torch.zeros(shape, dtype=torch.float64, device=weight.device)
+
+        return LayerSums(
+            xtx=field(acc.xtx, (cols, cols), bool(self.needs & {"hessian", "dense_cross"})),
+            act_sq=field(acc.sq, (cols,), "act_sq" in self.needs),
+            cross=field(acc.cross, (cols, cols), "dense_cross" in self.needs),
+            nsamples=acc.n,
+        )
+
+    def _apply_reduce(self, name: str) -> None:
+        sums = self.sums(name)
+        out = self.reduce(name, sums)
+        if not isinstance(out, LayerSums):
+            raise TypeError(f"The statistics reducer returned {type(out).__name__} for {name}; it must return a LayerSums.")
+        if out.nsamples < 0:
+            raise ValueError(f"The statistics reducer returned nsamples={out.nsamples} for {name}; it must be >= 0.")
+        acc = self._acc[name]
+        acc.n = int(out.nsamples)
+        if acc.n == 0:  # nobody saw the module: identity statistics
+            acc.xtx = acc.sq = acc.cross = None
+        else:
+            acc.xtx, acc.sq, acc.cross = out.xtx, out.act_sq, out.cross
+
     def stats(self, name: str) -> LayerStats:
-        """The statistics of module ``name`` (identity statistics when it saw no input)."""
+        """The statistics of module ``name`` (identity statistics when it saw no input), after the reducer."""
+        if self.reduce is not None and name not in self._reduced:
+            self._apply_reduce(name)
+            self._reduced.add(name)
         acc = self._acc[name]
         module = self.modules[name]
         if acc.n == 0:
@@ -260,6 +362,7 @@ class StatsCollector:
     def release(self, name: str) -> None:
         """Free the accumulators of ``name`` (:meth:`stats` then gives identity statistics for it)."""
         self._acc[name] = _Accumulator()
+        self._reduced.add(name)  # nothing left to reduce
 
 
 def _same_geometry(a: nn.Module, b: nn.Module) -> bool:

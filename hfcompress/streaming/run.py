@@ -478,11 +478,10 @@ def _calibrate_block(method, method_args, block_inputs, block, i, names, prefix,
     outputs: collections.deque = collections.deque(maxlen=len(hidden))
     handle = block.register_forward_hook(lambda mod, args, out: outputs.append(first_tensor(out)))
     try:
-        with dist_utils.reduced_statistics():
-            run_calibration(
-                wrapper, local, method, method_args, batches, blocks="layers", true_sequential=true_sequential,
-                show_progress=False,
-            )  # fmt: skip
+        run_calibration(
+            wrapper, local, method, method_args, batches, blocks="layers", true_sequential=true_sequential,
+            show_progress=False, reduce=dist_utils.all_reduce_sums if dist_utils.is_distributed() else None,
+        )  # fmt: skip
     finally:
         handle.remove()
     if len(outputs) != len(hidden):  # pragma: no cover - guards the pipeline contract
