@@ -3,7 +3,8 @@
 * :mod:`.data`: calibration text/inputs from ``datasets``, local files, strings (default: offline
   Wikipedia summaries), cut into ``num_samples`` windows of ``seq_len`` tokens by seed.
 * :mod:`.stats`: :class:`LayerStats` (Hessian ``2/n sum x x^T``, ``act_sq = sum x^2``, ``nsamples``) and
-  the forward hooks collecting them (Linear, Conv2d via unfold).
+  the forward hooks collecting them (Linear, Conv2d via unfold); ``reduce=``/:func:`reducing` combine each
+  module's float64 sums (:class:`LayerSums`) before normalisation, e.g. over processes.
 * :mod:`.blocks`: finding the block list and capturing what each block receives.
 * :mod:`.pipeline`: :func:`run_calibration`, used by :func:`hfcompress.oneshot`.
 
@@ -14,16 +15,19 @@ Writing a calibrated method: register a :class:`hfcompress.algorithms.Method` wi
 
 from .data import calibration_batches, iter_texts, text_windows, wikipedia_summaries
 from .pipeline import LayerResult, relative_output_error, run_calibration
-from .stats import LayerStats, StatsCollector, identity_stats, layer_inputs_2d
+from .stats import LayerStats, LayerSums, StatsCollector, SumsReducer, identity_stats, layer_inputs_2d, reducing
 
 __all__ = [
     "LayerResult",
     "LayerStats",
+    "LayerSums",
     "StatsCollector",
+    "SumsReducer",
     "calibration_batches",
     "identity_stats",
     "iter_texts",
     "layer_inputs_2d",
+    "reducing",
     "relative_output_error",
     "run_calibration",
     "text_windows",
