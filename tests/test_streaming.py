@@ -125,6 +125,37 @@ def test_interrupted_run_resumes_from_last_written_block(dense_dir, tmp_path, mo
     _assert_same(_saved_tensors(out), _saved_tensors(reference))
 
 
+@pytest.mark.slow
+def test_offloaded_activations_are_memory_mapped_and_change_nothing(dense_dir, tmp_path, monkeypatch):
+    config = HfCompressConfig(method="gptq", bits=4, group_size=32)
+    kwargs = dict(batch_size=2, shard_size=1, show_progress=False)
+    reference = compress_checkpoint(dense_dir, tmp_path / "ref", config, _ids(), **kwargs)
+
+    seen: list[tuple[str, bool, bool]] = []
+    original = stream_run._calibrate_block
+
+    def spy(method, method_args, block_inputs, block, i, names, prefix, plan, hidden, true_sequential, spill=None):
+        if prefix == "model.layers.2." and not seen[-1][0] == "crash":
+            seen.append(("crash", False, False))
+            raise _Crash("simulated crash before the last block")
+        out = original(method, method_args, block_inputs, block, i, names, prefix, plan, hidden, true_sequential, spill)
+        # inputs and outputs of every block are the memory-mapped copies, never plain in-memory tensors
+        seen.append((prefix, all(h in spill for h in hidden), all(h in spill for h in out)))
+        return out
+
+    monkeypatch.setattr(stream_run, "_calibrate_block", spy)
+    out = tmp_path / "out"
+    with pytest.raises(_Crash):
+        compress_checkpoint(dense_dir, out, config, _ids(), offload_activations=True, **kwargs)
+    done = compress_checkpoint(dense_dir, out, config, _ids(), offload_activations=True, **kwargs)  # resumes
+    assert seen == [
+        ("model.layers.0.", True, True), ("model.layers.1.", True, True), ("crash", False, False),
+        ("model.layers.2.", True, True),  # after the resume: fed from the saved hidden states, memory-mapped
+    ]  # fmt: skip
+    _assert_same(_saved_tensors(done), _saved_tensors(reference))
+    assert not [p.name for p in done.iterdir() if p.name.startswith("hidden-")]  # no spill files left behind
+
+
 def test_resume_refuses_other_settings(dense_dir, tmp_path, monkeypatch):
     out = tmp_path / "out"
 
@@ -156,6 +187,10 @@ def test_bad_arguments_leave_no_output(dense_dir, tmp_path):
     (tmp_path / "exists").mkdir()
     with pytest.raises(FileExistsError, match="overwrite"):
         compress_checkpoint(dense_dir, tmp_path / "exists", config)
+    with pytest.raises(TypeError, match="offload_activations"):
+        compress_checkpoint(dense_dir, tmp_path / "o", config, offload_activations="yes")
+    with pytest.raises(ValueError, match="offload_activations=True.*device='cuda'"):
+        compress_checkpoint(dense_dir, tmp_path / "o", config, offload_activations=True, device="cuda")
     assert not (tmp_path / "o").exists() and not partial_dir(tmp_path / "o").exists()
     assert parse_size("1.5KB") == 1500 and parse_size("2MiB") == 2 * 2**20
 

@@ -12,8 +12,9 @@ tensors (named exactly as ``model.state_dict()`` names them) go to the
   :mod:`hfcompress.calibration.pipeline`: the block inputs are captured once with only the non-block
   weights loaded, then each block collects its statistics on the current hidden states, is compressed
   through ``Method.compress_layer`` and re-run to produce the next block's inputs. Memory holds one block
-  plus the calibration hidden states. Under ``torch.distributed`` each process forwards its share of the
-  batches and the statistics are all-reduced (:mod:`hfcompress.distributed`).
+  plus the calibration hidden states, or only the block with ``offload_activations=True`` (the hidden
+  states then live in memory-mapped files of the work folder). Under ``torch.distributed`` each process
+  forwards its share of the batches and the statistics are all-reduced (:mod:`hfcompress.distributed`).
 
 Every time a shard is written, the hidden states entering the next block are saved next to it, so an
 interrupted run (crash, kill, power loss) restarts from the last written shard with the same call.
@@ -28,6 +29,7 @@ import copy
 import json
 import logging
 import os
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +198,62 @@ def _save_hidden(work: Path, unit: int, hidden: list[torch.Tensor]) -> None:
     os.replace(tmp, path)
 
 
+class _ActivationSpill:
+    """Hidden states written to the work folder and memory-mapped back (``offload_activations=True``).
+
+    Each tensor goes to its own file, is loaded back with ``torch.load(mmap=True)`` and the file is
+    unlinked at once: the mapping keeps the data reachable until the tensor is freed, and the kernel
+    pages it in and out like any file cache, so the calibration activations need not fit in memory.
+    Files a crash leaves behind are named ``hidden-spill-*`` and removed on the next start and by the
+    writer's finalisation.
+    """
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.count = 0
+        self._suffix = f"-rank{dist_utils.rank()}.pt"
+        self._spilled: dict[int, weakref.ref] = {}  # id -> the memory-mapped tensors handed out (alive ones)
+        for name in os.listdir(work):
+            if name.startswith("hidden-spill-") and name.endswith(self._suffix):
+                (work / name).unlink(missing_ok=True)
+
+    def __contains__(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` is one of the memory-mapped tensors this spill handed out."""
+        ref = self._spilled.get(id(tensor))
+        return ref is not None and ref() is tensor
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        key = id(tensor)
+        self._spilled[key] = weakref.ref(tensor, lambda _, key=key: self._spilled.pop(key, None))
+
+    def put(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor``, now backed by a memory-mapped file (returned as is if it already is)."""
+        if tensor in self:
+            return tensor
+        path = self.work / f"hidden-spill-{self.count:06d}{self._suffix}"
+        self.count += 1
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(tensor.detach().contiguous(), tmp)
+        os.replace(tmp, path)
+        mapped = torch.load(path, mmap=True, weights_only=True)
+        try:
+            path.unlink()
+        except OSError:  # pragma: no cover - platforms that cannot unlink a mapped file keep it until finalize
+            pass
+        self._track(mapped)
+        return mapped
+
+    def put_all(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.put(t) for t in tensors]
+
+    def load(self, path: Path) -> list[torch.Tensor]:
+        """The hidden states saved for resuming, memory-mapped from their file."""
+        hidden = torch.load(path, mmap=True, weights_only=True)
+        for h in hidden:
+            self._track(h)
+        return hidden
+
+
 def _drop_old_hidden(work: Path, keep: int) -> None:
     mine = f"-rank{dist_utils.rank()}.pt"
     for name in os.listdir(work):
@@ -233,6 +291,7 @@ def compress_checkpoint(
     device: str | torch.device | None = None,
     model_class: type | None = None,
     shard_size: int | str = "2GB",
+    offload_activations: bool = False,
     resume: bool = True,
     overwrite: bool = False,
     show_progress: bool = True,
@@ -252,6 +311,11 @@ def compress_checkpoint(
         model_class: the transformers class to build (default: ``config.json``'s first architecture).
         shard_size: bytes of compressed tensors per output shard (``"2GB"``). Each unit is written (and
             the progress saved) as soon as it is done; parts are merged into shards at the end.
+        offload_activations: calibrated methods only: keep the calibration hidden states in files of the
+            work folder, memory-mapped, instead of in memory (CPU compute only). They then cost page cache,
+            which the kernel evicts under memory pressure, not resident memory that must fit: for
+            calibration sets whose activations (``num_samples x seq_len x hidden x 4`` bytes, twice at
+            block boundaries) rival a block's weights. The output is the same either way.
         resume: continue an interrupted run with the same arguments from its last written shard.
         overwrite: replace an existing ``out``.
         show_progress: tqdm progress bar over the units.
@@ -293,6 +357,13 @@ def compress_checkpoint(
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(device)
+    if not isinstance(offload_activations, bool):
+        raise TypeError(f"offload_activations={offload_activations!r} must be True or False.")
+    if offload_activations and device.type != "cpu":
+        raise ValueError(
+            f"offload_activations=True memory-maps the hidden states from disk for CPU compute; device={str(device)!r} "
+            "keeps them in device memory. Use device='cpu' or offload_activations=False."
+        )
 
     reader = CheckpointReader(src)
     model = _empty_model(hf_config, model_class, dtype)
@@ -342,6 +413,7 @@ def compress_checkpoint(
     dist_utils.barrier()
     if units_done:
         logger.info("Resuming %s after %d of %d units.", out, units_done, len(block_list) + 1)
+    spill = _ActivationSpill(work) if offload_activations and not method.data_free else None
 
     def emit(tensors: dict[str, torch.Tensor], unit: int, hidden: list[torch.Tensor] | None, last: bool) -> None:
         if config.lossless:
@@ -382,6 +454,8 @@ def compress_checkpoint(
                 block_list[0] = first
             hidden = block_inputs.hidden
             block_inputs.hidden = []
+            if spill is not None:
+                hidden = spill.put_all(hidden)
         if units_done == 0:
             if method.data_free:
                 _compress_data_free(model, head, plan, method.name)
@@ -397,8 +471,11 @@ def compress_checkpoint(
         _release(model, [n for n in loaded if not any(n.startswith(h + ".") for h in head)])
         progress.update(0 if units_done else 1)
     if units_done >= 2 and not method.data_free:
-        hidden = torch.load(_hidden_path(work, units_done), weights_only=True)
-        hidden = [h.to(device) for h in hidden]
+        if spill is not None:
+            hidden = spill.load(_hidden_path(work, units_done))
+        else:
+            hidden = torch.load(_hidden_path(work, units_done), weights_only=True)
+            hidden = [h.to(device) for h in hidden]
 
     # ---- one unit per block
     for i in range(len(block_list)):
@@ -415,7 +492,7 @@ def compress_checkpoint(
                 _compress_data_free(model, names, plan, method.name)
             else:
                 hidden = _calibrate_block(
-                    method, config.method_args, block_inputs, block, i, names, prefixes[i], plan, hidden, true_sequential
+                    method, config.method_args, block_inputs, block, i, names, prefixes[i], plan, hidden, true_sequential, spill
                 )
             tensors = _cpu_tensors(block, prefixes[i], set())
         finally:
@@ -466,17 +543,40 @@ class _OneBlock(nn.Module):
         return self._inputs.call(self.layers[0], self._index, int(batch_index), hidden_states)
 
 
-def _calibrate_block(method, method_args, block_inputs, block, i, names, prefix, plan, hidden, true_sequential):
-    """Compress the targeted modules of one block in place; returns the hidden states for the next block."""
+def _with_hidden(out, hidden: torch.Tensor):
+    """A block output like ``out`` (tensor, tuple/list, ModelOutput) with ``hidden`` as its hidden states."""
+    if isinstance(out, torch.Tensor):
+        return hidden
+    if isinstance(out, (tuple, list)):
+        return type(out)([hidden, *out[1:]]) if isinstance(out, list) else (hidden, *out[1:])
+    key = next(iter(out.keys()))  # a ModelOutput: the hidden states are its first field
+    out[key] = hidden
+    return out
+
+
+def _calibrate_block(method, method_args, block_inputs, block, i, names, prefix, plan, hidden, true_sequential, spill=None):
+    """Compress the targeted modules of one block in place; returns the hidden states for the next block
+    (spilled to memory-mapped files as they are produced when ``spill`` is given)."""
     if not names:
-        return [block_inputs.call(block, i, b, h) for b, h in enumerate(hidden)]
+        put = spill.put if spill is not None else (lambda t: t)
+        return [put(block_inputs.call(block, i, b, h)) for b, h in enumerate(hidden)]
     wrapper = _OneBlock(block, block_inputs, i)
     local = {"layers.0." + n[len(prefix) :]: plan[n] for n in names}
     batches = [{"hidden_states": h, "batch_index": torch.tensor(b)} for b, h in enumerate(hidden)]
     # the pipeline's last pass over the block runs the compressed block on every batch, in order, to make
     # the next block's inputs: keep those outputs instead of recomputing them
     outputs: collections.deque = collections.deque(maxlen=len(hidden))
-    handle = block.register_forward_hook(lambda mod, args, out: outputs.append(first_tensor(out)))
+
+    def keep(mod, args, out):
+        hidden_out = first_tensor(out)
+        if spill is not None:  # replace the output by its memory-mapped copy: nothing holds the original
+            mapped = spill.put(hidden_out)
+            outputs.append(mapped)
+            return None if mapped is hidden_out else _with_hidden(out, mapped)
+        outputs.append(hidden_out)
+        return None
+
+    handle = block.register_forward_hook(keep)
     try:
         run_calibration(
             wrapper, local, method, method_args, batches, blocks="layers", true_sequential=true_sequential,
