@@ -5,7 +5,8 @@
 2. Compresses it in a fresh subprocess with RTN (W4 g128), and with GPTQ (W4 g128, ``--samples`` windows
    of ``--seq-len`` random tokens) a checkpoint of the same block shape with ``--gptq-layers`` blocks
    (GPTQ on 2 shared cores takes minutes per block of this size; its memory does not grow with the
-   number of blocks); prints peak RSS (the worker's ``ru_maxrss``), the RSS of a worker that
+   number of blocks); prints peak RSS (the worker's ``VmHWM``; ``ru_maxrss`` would include the peak of
+   this parent process, which Linux carries over into a child's count across ``exec``), the RSS of a worker that
    only imports the libraries, wall time and throughput, and checks the memory target
    ``peak RSS <= largest block + calibration activations + 1 GB`` (block measured in the dtype it is
    computed in: bf16 for RTN, float32 for GPTQ).
@@ -107,8 +108,13 @@ WORKER = textwrap.dedent(
         compress_checkpoint(src, out, HfCompressConfig(method="gptq", bits=4, group_size=128), ids,
                             batch_size=1, dtype=torch.float32, show_progress=False)
     wall = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    try:  # VmHWM: this process image's own peak; ru_maxrss also counts the parent's peak before exec
+        peak = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
+    except (OSError, StopIteration):
+        pass
     if hfcompress.distributed.rank() == 0:
-        print("RESULT " + json.dumps({"wall_s": wall, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+        print("RESULT " + json.dumps({"wall_s": wall, "peak_rss": peak}))
     """
 )
 

@@ -87,8 +87,9 @@ def _inverse_cholesky(reversed_h: Callable[[], torch.Tensor], mean_diag: torch.T
     """:func:`hessian_inverse_cholesky` of ``H`` given ``reversed_h()``, a fresh ``J H J`` that this function
     may overwrite, and the mean of ``H``'s diagonal.
 
-    Memory stays at two ``cols x cols`` float64 matrices: the factorisation runs in place, the flipped
-    factor replaces it, and the triangular solve writes into its identity right-hand side. Column-major
+    Memory stays at two ``cols x cols`` float64 matrices: the factorisation writes into its input (LAPACK's
+    wrapper still allocates one working copy meanwhile), the flipped factor replaces it, and the
+    triangular solve writes into its identity right-hand side. Column-major
     layouts throughout, as ``torch.linalg`` itself returns them (which keeps the results bit-identical to
     the plain out-of-place calls). ``reversed_h`` is called again for each dampening retry instead of
     keeping a copy of ``H`` around for them.
