@@ -35,3 +35,27 @@ def wikitext_text():
     if path is None:
         pytest.fail("WikiText-2 test text not found in ../shared/data; set HFCOMPRESS_WIKITEXT2")
     return path.read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------------- lossless test checkpoints
+@pytest.fixture(scope="module")
+def dense_dir(tmp_path_factory):
+    """A tiny bf16 Llama checkpoint (a test module may define its own ``dense_dir`` instead)."""
+    from hfcompress.models import tiny_llama
+
+    path = tmp_path_factory.mktemp("dense") / "bf16"
+    tiny_llama(hidden_size=128, intermediate_size=256).to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def lossless_dir(dense_dir, tmp_path_factory):
+    """The lossless twin of ``dense_dir``, saved by compress-on-load."""
+    from transformers import AutoModelForCausalLM
+
+    from hfcompress import HfCompressConfig
+
+    model = AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=HfCompressConfig(lossless=True))
+    path = tmp_path_factory.mktemp("ll") / "lossless"
+    model.save_pretrained(path)
+    return path

@@ -13,7 +13,6 @@ import hfcompress  # noqa: F401  (registers the quantizer)
 from hfcompress import HfCompressConfig, compressed_modules
 from hfcompress.lossless import LosslessFormatError
 from hfcompress.lossless.lazy import deferred, materialize
-from hfcompress.models import tiny_llama
 
 IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
 MODES = ("lazy", "first_forward")
@@ -47,21 +46,6 @@ def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 def is_placeholder(t: torch.Tensor) -> bool:
     return t.numel() > 1 and all(s == 0 for s in t.stride())
-
-
-@pytest.fixture(scope="module")
-def dense_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("dense") / "bf16"
-    tiny_llama(hidden_size=128, intermediate_size=256).to(torch.bfloat16).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def lossless_dir(dense_dir, tmp_path_factory):
-    model = AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=HfCompressConfig(lossless=True))
-    path = tmp_path_factory.mktemp("ll") / "lossless"
-    model.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -43,21 +43,6 @@ def folder_bytes(folder) -> int:
     return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors"))
 
 
-@pytest.fixture(scope="module")
-def dense_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("dense") / "bf16"
-    tiny_llama(hidden_size=128, intermediate_size=256).to(torch.bfloat16).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def lossless_dir(dense_dir, tmp_path_factory):
-    m = AutoModelForCausalLM.from_pretrained(dense_dir, quantization_config=HfCompressConfig(lossless=True))
-    path = tmp_path_factory.mktemp("ll") / "lossless"
-    m.save_pretrained(path)
-    return path
-
-
 def test_config_shortest_forms():
     cfg = HfCompressConfig(lossless=True)
     assert cfg.lossless and cfg.bits is None and cfg.to_dict()["lossless"] is True
