@@ -96,7 +96,7 @@ class _TorchGgufKernel:
         return self._dequant.dequantize(weight.index_select(0, indices), ggml_type, dtype).reshape(-1, cols)
 
     def mul_mat_id(self, *args):
-        raise NotImplementedError("no MoE in SmolLM2")
+        raise NotImplementedError("this stand-in for the ggml kernel runs dense layers only (SmolLM2 has no experts)")
 
 
 _GGUF_LINEARS = {

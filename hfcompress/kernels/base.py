@@ -19,6 +19,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .codes import KernelUnsupported
+
 #: tolerance of each compute precision, relative to ``|x| @ |W|^T + |b|`` (see :func:`error_bound`). With ``u``
 #: the unit roundoff (2**-8 for bfloat16, 2**-11 for float16, 2**-24 for float32): the integer kernels round
 #: the input, the scales and the output once each (3u < 2**-6 in bfloat16) and accumulate in float32; float32
@@ -117,6 +119,12 @@ class InferencePath(ABC):
     @abstractmethod
     def unsupported(self, module: nn.Module, device: torch.device) -> str | None:
         """Why this path cannot run ``module`` on ``device`` (``None`` when it can)."""
+
+    def require(self, module: nn.Module, device: torch.device) -> None:
+        """Raise :class:`~hfcompress.kernels.KernelUnsupported` with the reason when this path cannot run ``module``."""
+        reason = self.unsupported(module, device)
+        if reason:
+            raise KernelUnsupported(reason)
 
     @abstractmethod
     def prepare(

@@ -13,7 +13,6 @@ from torch import nn
 from ..formats.bitpack import unpack_codes
 from ..grid import dequantize, num_groups
 from .base import InferencePath, Prepared, register_path
-from .codes import KernelUnsupported
 
 
 @register_path
@@ -33,9 +32,7 @@ class GatherRowsPath(InferencePath):
     def prepare(
         self, module: nn.Module, device: torch.device, release: bool = True, dtype: torch.dtype | None = None
     ) -> Prepared:
-        reason = self.unsupported(module, device)
-        if reason:
-            raise KernelUnsupported(reason)
+        self.require(module, device)
         spec = module.spec
         cols = module.shape2d[1]
         ng = num_groups(cols, spec.group_size)

@@ -37,7 +37,7 @@ from torch import nn
 from ..formats.bitpack import pack_codes
 from ..grid import expand_groups
 from .base import InferencePath, Prepared, register_path
-from .codes import KernelUnsupported, expand_to_kernel_groups, invert_nibble_layout, kernel_groups, module_codes
+from .codes import expand_to_kernel_groups, invert_nibble_layout, kernel_groups, module_codes
 
 GROUP_SIZES = (32, 64, 128, 256)
 _ROW_MULTIPLE = {"cpu": 16, "cuda": 8}
@@ -104,9 +104,7 @@ class Int4PackPath(InferencePath):
     def prepare(
         self, module: nn.Module, device: torch.device, release: bool = True, dtype: torch.dtype | None = None
     ) -> Prepared:
-        reason = self.unsupported(module, device)
-        if reason:
-            raise KernelUnsupported(reason)
+        self.require(module, device)
         mc = module_codes(module)
         rows, cols = module.shape2d
         bits, dev = mc.bits, device.type

@@ -48,9 +48,7 @@ class Int8PackPath(InferencePath):
     def prepare(
         self, module: nn.Module, device: torch.device, release: bool = True, dtype: torch.dtype | None = None
     ) -> Prepared:
-        reason = self.unsupported(module, device)
-        if reason:
-            raise KernelUnsupported(reason)
+        self.require(module, device)
         mc = module_codes(module)
         rows, cols = module.shape2d
         offset = mc.zero_full[:, 0]  # int16 [rows]
