@@ -52,7 +52,7 @@ CONFIGS: dict[str, HfCompressConfig | None] = {
 LC_CONFIGS = {"sparsegpt 50%": "sparsegpt", "sparsegpt 2:4": "sparsegpt24", "wanda 50%": "wanda"}
 
 
-def run_llmcompressor(args, rows: list[dict]) -> list[dict]:
+def run_llmcompressor(args) -> list[dict]:
     """Run eval/lc_sparsity_reference.py in llm-compressor's venv on this run's calibration windows."""
     from transformers import AutoTokenizer
 
@@ -140,7 +140,7 @@ def main() -> None:
     ap.add_argument("--results", default=None, help="JSON-lines file to append each result to")
     ap.add_argument("--dense-ppl", type=float, default=None, help="dense perplexity measured by another run (skips dense)")
     ap.add_argument("--lc-python", default=None, help="python of a venv with llmcompressor installed")
-    ap.add_argument("--lc-configs", nargs="*", default=list(LC_CONFIGS), help="llm-compressor configs to run")
+    ap.add_argument("--lc-configs", nargs="*", default=list(LC_CONFIGS), choices=list(LC_CONFIGS), help="llm-compressor configs to run")
     ap.add_argument("--run", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run:
@@ -175,7 +175,7 @@ def main() -> None:
     if not args.lc_python:
         print("\nllm-compressor: not run (pass --lc-python /path/to/its/venv/bin/python; it pins an older transformers).")
         return
-    lc_rows = run_llmcompressor(args, rows)
+    lc_rows = run_llmcompressor(args)
     ours = {r["config"]: r for r in rows}
     print(f"\nllm-compressor 0.14 on the same windows ({args.threads} threads); ratios are ours / theirs")
     print(f"{'config':24s} {'LC ppl':>8s} {'LC x dense':>10s} {'LC time s':>10s} {'LC RSS MB':>10s} {'ppl ratio':>10s} {'time ratio':>10s}")
