@@ -451,3 +451,18 @@ def test_accelerate_offloaded_model_gives_the_same_result(tmp_path):
     x = _ids(1, 16, seed=3)
     with torch.no_grad():
         torch.testing.assert_close(offloaded(x).logits, plain(x).logits)
+
+
+def test_unaligned_weights_get_aligned_storage_of_their_own():
+    from hfcompress.calibration.pipeline import own_aligned_storage
+
+    layer = nn.Linear(16, 8)
+    buffer = torch.randn(8 * 16 + 2)
+    view = buffer[2:].view(8, 16)  # 8 bytes past an aligned address, as inside a memory-mapped file
+    assert view.data_ptr() % 64
+    layer.weight.data = view
+    before = layer.weight.detach().clone()
+    assert own_aligned_storage(layer) == 1
+    assert layer.weight.data_ptr() % 64 == 0 and layer.weight.data_ptr() != view.data_ptr()
+    assert torch.equal(layer.weight, before) and isinstance(layer.weight, nn.Parameter)
+    assert own_aligned_storage(layer) == 0  # already aligned: nothing copied

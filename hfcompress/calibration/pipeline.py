@@ -110,6 +110,30 @@ def onloaded(module: nn.Module) -> Iterator[None]:
             hook.post_forward(sub, None)
 
 
+_ALIGNMENT = 64  # bytes: a cache line, what BLAS kernels (MKL's AVX-512 paths) assume for bit-reproducible sums
+
+
+def own_aligned_storage(module: nn.Module) -> int:
+    """Give every CPU parameter/buffer of ``module`` that is not 64-byte aligned an aligned copy of its own.
+
+    ``from_pretrained`` leaves weights as views into the memory-mapped safetensors file and a streamed
+    checkpoint reads them into arbitrary buffers; some BLAS kernels sum in an order that depends on the
+    pointer's alignment, so the same block would calibrate to (slightly) different results depending on
+    how it was loaded. Copying into torch-allocated (aligned) storage makes calibration bit-reproducible
+    across loading paths. Returns how many tensors were copied.
+    """
+    copied = 0
+    for sub in module.modules():
+        for tensors in (sub._parameters, sub._buffers):
+            for tensor in tensors.values():
+                if tensor is None or tensor.device.type != "cpu" or tensor.numel() == 0:
+                    continue
+                if tensor.data_ptr() % _ALIGNMENT:
+                    tensor.data = tensor.data.clone()
+                    copied += 1
+    return copied
+
+
 def _weight_device(module: nn.Module) -> torch.device:
     w = module.weight
     return w.device
@@ -348,6 +372,7 @@ def run_calibration(
         for i, block in enumerate(block_list):
             names = per_block[i]
             with onloaded(block):
+                own_aligned_storage(block)
                 if names:
                     block_inputs.hidden = hidden
                     stages = _stages(block_inputs, block, i, names, prefixes[i]) if true_sequential else [names]
@@ -409,4 +434,4 @@ def run_calibration(
     return run.results
 
 
-__all__ += ["first_tensor", "onloaded"]
+__all__ += ["first_tensor", "onloaded", "own_aligned_storage"]
