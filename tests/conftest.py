@@ -5,7 +5,13 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
+
+# Tests compare compressed tensors bit for bit across code paths; MKL's strict conditional-numerical-
+# reproducibility mode makes its sums independent of thread scheduling and memory alignment (set before
+# torch's first BLAS call; no measurable cost at these sizes).
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
+import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
