@@ -19,7 +19,9 @@ Calibrated methods set ``data_free=False`` and provide
 * ``method_args``: ``config.method_args`` (a dict; unknown keys should raise a ``ValueError``).
 
 The calibration pipeline (:mod:`hfcompress.calibration.pipeline`) collects the statistics block by
-block, calls ``compress_layer`` for each targeted module and installs the result.
+block, calls ``compress_layer`` for each targeted module and installs the result. A method that also
+sets ``tune_options`` (``method_args -> BlockTuneOptions``) has each block's quantization scales tuned
+afterwards on the block output against the dense model (:mod:`hfcompress.algorithms.block_tune`).
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ class Method:
     needs: frozenset[str] = field(default_factory=frozenset)
     #: calibrated methods: ``(weight2d float32 [rows, cols], LayerStats, LayerSpec, method_args) -> CompressedWeight``
     compress_layer: Callable[[torch.Tensor, "LayerStats", LayerSpec, dict[str, Any]], CompressedWeight] | None = None
+    #: calibrated methods with block-output scale tuning: ``method_args -> BlockTuneOptions`` (validating them)
+    tune_options: Callable[[dict[str, Any]], Any] | None = None
 
 
 _METHODS: dict[str, Method] = {}
@@ -86,6 +90,7 @@ def available_methods() -> list[str]:
 from . import rtn  # noqa: E402,F401  (registers "rtn")
 from . import gptq  # noqa: E402,F401  (registers "gptq")
 from . import quantease  # noqa: E402,F401  (registers "quantease")
+from . import blocktune  # noqa: E402,F401  (registers "blocktune")
 from . import magnitude, wanda, sparsegpt, admm  # noqa: E402,F401  (sparsity methods)
 
 __all__ = ["STAT_KINDS", "Method", "available_methods", "get_method", "register_method"]

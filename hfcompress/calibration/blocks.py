@@ -76,6 +76,8 @@ class BlockInputs:
     kwargs: list[list[dict[str, Any]]] = field(default_factory=list)
     hidden_key: str | None = None
     output_template: Any = None
+    #: samples per calibration batch (the leading size of ``hidden[b]``)
+    rows: list[int] = field(default_factory=list)
 
     def call(self, block: nn.Module, index: int, batch: int, hidden: torch.Tensor) -> torch.Tensor:
         """Run ``block`` (number ``index``) on ``hidden`` with the recorded arguments of ``batch``."""
@@ -85,6 +87,35 @@ class BlockInputs:
         else:
             out = block(*args, **{**kwargs, self.hidden_key: hidden})
         return first_tensor(out)
+
+
+    def call_rows(self, block: nn.Module, index: int, batch: int, rows: slice, hidden: torch.Tensor) -> torch.Tensor:
+        """Like :meth:`call` for the samples ``rows`` of ``batch`` only (``hidden`` holds just those rows).
+
+        Recorded arguments with a leading batch dimension (tensors of two or more dimensions whose first
+        size is the batch's, such as attention masks, position ids and rotary tables) are sliced alike;
+        the others (broadcast or per-position tensors, flags) are passed as recorded.
+        """
+        size = self.batch_rows(batch)
+
+        def cut(v: Any) -> Any:
+            if isinstance(v, torch.Tensor):
+                return v[rows] if v.dim() >= 2 and v.shape[0] == size else v
+            if isinstance(v, (tuple, list)):
+                return type(v)(cut(x) for x in v)
+            return v
+
+        args = tuple(cut(a) for a in self.args[index][batch])
+        kwargs = {k: cut(v) for k, v in self.kwargs[index][batch].items()}
+        if self.hidden_key is None:
+            out = block(hidden, *args, **kwargs)
+        else:
+            out = block(*args, **{**kwargs, self.hidden_key: hidden})
+        return first_tensor(out)
+
+    def batch_rows(self, batch: int) -> int:
+        """Number of samples in calibration batch ``batch``."""
+        return int(self.rows[batch])
 
 
 def first_tensor(out: Any) -> torch.Tensor:
@@ -141,6 +172,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[
             if i == 0:
                 rec.hidden_key = key
                 rec.hidden.append(hidden)
+                rec.rows.append(hidden.shape[0])
                 if rec.output_template is None:
                     full = {**kwargs, key: hidden} if key else kwargs
                     rec.output_template = true_forwards[0](*((hidden,) + rest if key is None else rest), **full)

@@ -43,6 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..algorithms import Method
+from ..algorithms.block_tune import BlockTuneOptions, BlockTuneResult, tune_block_scales
 from ..formats.base import CompressedWeight
 from ..modules import CompressedModule, compressed_twin, set_submodule
 from ..spec import LayerSpec
@@ -181,6 +182,59 @@ def _decoded_stand_ins(model: nn.Module, replaced: dict[str, nn.Module], twins: 
             set_submodule(model, name, twins[name])
 
 
+def _tune_block(
+    model: nn.Module,
+    block: nn.Module,
+    index: int,
+    block_inputs: BlockInputs,
+    hidden: list[torch.Tensor],
+    targets: list[torch.Tensor],
+    run: "_Run",
+    twins: dict[str, CompressedModule],
+    options: BlockTuneOptions,
+    progress: Any,
+) -> BlockTuneResult | None:
+    """Tune the scales of the block's quantized weights on its output (see :mod:`~hfcompress.algorithms.block_tune`)."""
+    names = [n for n in twins if n in run.quantized]
+    if not names:
+        return None
+    try:
+        from accelerate.utils import has_offloaded_params
+
+        offloaded = any(has_offloaded_params(m) for m in block.modules())
+    except ImportError:  # pragma: no cover - accelerate is a dependency
+        offloaded = False
+    originals = {n: run.replaced[n] for n in names}
+    # tuning steps over micro-batches of ``options.batch_size`` samples, the first ``options.samples`` only
+    micro: list[tuple[int, slice]] = []
+    taken = 0
+    for b, h in enumerate(hidden):
+        for a in range(0, h.shape[0], options.batch_size):
+            if taken >= options.samples:
+                break
+            stop = min(a + options.batch_size, h.shape[0], a + options.samples - taken)
+            micro.append((b, slice(a, stop)))
+            taken += stop - a
+    start = time.perf_counter()
+    with _with_originals(model, run.replaced, names):
+        result, new = tune_block_scales(
+            block, lambda k, x: block_inputs.call_rows(block, index, micro[k][0], micro[k][1], x),
+            [hidden[b][sl] for b, sl in micro], [targets[b][sl] for b, sl in micro], originals,
+            {n: run.quantized[n] for n in names}, options, can_tune_dense=not offloaded,
+        )  # fmt: skip
+    for name, cw in new.items():
+        twins[name].set_compressed_weight(cw)
+    for name in names:
+        run.quantized.pop(name, None)
+    run.block_results.append(result)
+    logger.info(
+        "block %d: tuned output error %.4g -> %.4g (%s, %d steps, %.1fs)", index, result.loss_before,
+        result.loss_after, "kept" if result.kept else "not kept", result.steps, time.perf_counter() - start,
+    )  # fmt: skip
+    progress.set_postfix(tune=f"{result.loss_before:.3g}->{result.loss_after:.3g}", refresh=False)
+    return result
+
+
 # ---------------------------------------------------------------------- the pipeline
 class _Run:
     def __init__(
@@ -198,6 +252,10 @@ class _Run:
         self.show_progress = show_progress
         self.results: dict[str, LayerResult] = {}
         self.replaced: dict[str, nn.Module] = {}  # name -> original dense module (for rollback)
+        #: block tuning: the grids of the current block's quantized (not pruned) weights
+        self.keep_quantized = False
+        self.quantized: dict[str, Any] = {}
+        self.block_results: list[BlockTuneResult] = []
 
     def compress_modules(self, names: list[str], collector: StatsCollector | None) -> dict[str, CompressedModule]:
         twins = {}
@@ -216,6 +274,8 @@ class _Run:
             cw: CompressedWeight = self.method.compress_layer(w2d, stats, spec, self.method_args)
             seconds = time.perf_counter() - start
             _check_result(name, cw, tuple(w2d.shape))
+            if self.keep_quantized and cw.quantized is not None and cw.mask is None:
+                self.quantized[name] = cw.quantized
             twin = compressed_twin(dense, spec)
             twin.set_compressed_weight(cw)
             twin = twin.to(_weight_device(dense))
@@ -346,7 +406,10 @@ def run_calibration(
     outside = [n for n in plan if n not in inside]
     needs = method.needs
     use_dense = "dense_cross" in needs
+    tune: BlockTuneOptions | None = method.tune_options(method_args) if method.tune_options is not None else None
+    track_dense = use_dense or tune is not None  # the dense model's hidden states are followed block by block
     run = _Run(model, plan, method, method_args, show_progress)
+    run.keep_quantized = tune is not None
     was_training = model.training
     model.eval()
     try:
@@ -365,8 +428,8 @@ def run_calibration(
         del pre_collector
         hidden = block_inputs.hidden
         block_inputs.hidden = []
-        # methods aiming at the dense model's outputs follow the uncompressed model too ("dense_cross")
-        dense_hidden = list(first_hidden) if use_dense else None
+        # methods aiming at the dense model's outputs follow the uncompressed model too
+        dense_hidden = list(first_hidden) if track_dense else None
         del first_hidden
         progress = tqdm(total=len(block_list), desc=f"oneshot {method.name}", disable=not show_progress, unit="block")
         for i, block in enumerate(block_list):
@@ -400,13 +463,18 @@ def run_calibration(
                                 collector.reference = {}
                         twins.update(run.compress_modules(stage, collector))
                         del collector
+                    if tune is not None:
+                        if not use_dense:  # the dense block's outputs: the tuning targets
+                            with _with_originals(model, run.replaced, names):
+                                next_dense = [block_inputs.call(block, i, b, h) for b, h in enumerate(dense_hidden)]
+                        _tune_block(model, block, i, block_inputs, hidden, next_dense, run, twins, tune, progress)
                     with _decoded_stand_ins(model, run.replaced, twins):
                         hidden = [block_inputs.call(block, i, b, h) for b, h in enumerate(hidden)]
-                    if use_dense:
+                    if track_dense:
                         dense_hidden = next_dense
                 else:
                     hidden = [block_inputs.call(block, i, b, h) for b, h in enumerate(hidden)]
-                    if use_dense:
+                    if track_dense:
                         dense_hidden = [block_inputs.call(block, i, b, h) for b, h in enumerate(dense_hidden)]
             progress.update(1)
         progress.close()

@@ -374,10 +374,10 @@ def compress_checkpoint(
     per_block = [[n for n in plan if n.startswith(p)] for p in prefixes]
     head = [n for n in plan if not any(n.startswith(p) for p in prefixes)]
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    if "dense_cross" in method.needs:
+    if "dense_cross" in method.needs or method.tune_options is not None:
         raise ValueError(
             f"method={method.name!r} follows the dense model's activations next to the compressed ones, which streaming "
-            "does not keep; compress in memory with hfcompress.oneshot, or pick gptq/sparsegpt/wanda."
+            "does not keep; compress in memory with hfcompress.oneshot, or pick gptq/quantease/sparsegpt/wanda."
         )
     if not method.data_free:
         bad = [n for n in head if not isinstance(model.get_submodule(n), nn.Embedding)]

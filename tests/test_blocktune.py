@@ -1,0 +1,116 @@
+"""``blocktune``: layer-wise codes kept, scales tuned on block outputs against the dense model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from hfcompress import HfCompressConfig, oneshot
+from hfcompress.algorithms.block_tune import BlockTuneOptions
+from hfcompress.calibration.blocks import capture_block_inputs, find_blocks
+from hfcompress.models import tiny_llama
+from hfcompress.streaming import compress_checkpoint
+
+TUNE = {"tune_samples": 8, "tune_batch_size": 2}
+
+
+def _ids(n=8, seq=32, seed=0):
+    return torch.randint(1, 256, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _compressed(method: str, **method_args) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    model = tiny_llama(num_hidden_layers=3)
+    oneshot(model, HfCompressConfig(method=method, bits=3, group_size=32, method_args=method_args), _ids(), batch_size=4, show_progress=False)
+    return model, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _output_error(model, ids) -> float:
+    dense = tiny_llama(num_hidden_layers=3)
+    with torch.no_grad():
+        ref = dense(ids).logits
+        return float((model(ids).logits - ref).pow(2).mean() / ref.pow(2).mean())
+
+
+@pytest.mark.parametrize("start", ["quantease", "gptq"])
+def test_codes_of_the_start_kept_scales_tuned_error_lower_and_reload_exact(start, tmp_path):
+    base, base_sd = _compressed(start)
+    tuned, tuned_sd = _compressed("blocktune", start=start, **TUNE)
+    assert sorted(base_sd) == sorted(tuned_sd)
+    packed = [k for k in base_sd if k.endswith("weight_packed")]
+    scales = [k for k in base_sd if k.endswith("weight_scale")]
+    assert len(packed) == len(scales) == 21
+    # block 0 keeps the start's integer codes; later blocks are calibrated on the tuned blocks' outputs
+    first = [k for k in packed if ".layers.0." in k]
+    assert len(first) == 7 and all(torch.equal(base_sd[k], tuned_sd[k]) for k in first)
+    changed = [k for k in scales if not torch.equal(base_sd[k], tuned_sd[k])]
+    assert len(changed) == len(scales)
+    assert all(tuned_sd[k].dtype == torch.float16 for k in scales)
+    norms = [k for k in base_sd if k.endswith("layernorm.weight")]
+    assert norms and any(not torch.equal(base_sd[k], tuned_sd[k]) for k in norms)  # gains tuned too
+    calib = _ids()
+    assert _output_error(tuned, calib) < 0.95 * _output_error(base, calib)
+    tuned.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.config.quantization_config.method == "blocktune"
+    x = _ids(2, 24, seed=3)
+    with torch.no_grad():
+        assert torch.equal(reloaded(x).logits, tuned(x).logits)
+
+
+def test_no_tuning_step_keeps_the_layer_wise_result_exactly():
+    _, base_sd = _compressed("quantease")
+    _, same_sd = _compressed("blocktune", tune_epochs=0, **TUNE)
+    assert all(torch.equal(base_sd[k], same_sd[k]) for k in base_sd)
+
+
+def test_dense_gains_stay_when_their_learning_rate_is_zero():
+    dense_sd = tiny_llama(num_hidden_layers=3).state_dict()
+    _, sd = _compressed("blocktune", tune_norm_lr=0.0, **TUNE)
+    norms = [k for k in sd if "norm" in k]
+    assert norms and all(torch.equal(sd[k], dense_sd[k]) for k in norms)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ({"tune_lr": -1.0}, "tune_lr=-1.0"),
+        ({"tune_samples": 0}, "tune_samples=0"),
+        ({"tune_batch_size": 1.5}, "tune_batch_size=1.5"),
+        ({"tune_autocast": "int8"}, "tune_autocast='int8'"),
+        ({"start": "rtn"}, "start='rtn'"),
+        ({"start": "gptq", "sweeps": 2}, "sweeps"),
+        ({"tune_steps": 3}, "not understood"),
+    ],
+)
+def test_bad_method_args_raise_before_touching_the_model(args, match):
+    model = tiny_llama(num_hidden_layers=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        oneshot(model, HfCompressConfig(method="blocktune", bits=4, group_size=32, method_args=args), _ids(4), show_progress=False)
+    after = model.state_dict()
+    assert sorted(after) == sorted(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_options_defaults():
+    assert BlockTuneOptions.from_method_args({}) == BlockTuneOptions()
+    assert BlockTuneOptions.from_method_args({"tune_autocast": None, "damp": 0.1}).autocast is None
+
+
+def test_call_rows_runs_a_slice_of_a_batch_like_the_whole_batch():
+    model = tiny_llama(num_hidden_layers=2).eval()
+    _, blocks = find_blocks(model, None)
+    rec = capture_block_inputs(model, blocks, [{"input_ids": _ids(4, 16)}])
+    assert rec.rows == [4]
+    with torch.no_grad():
+        full = rec.call(blocks[0], 0, 0, rec.hidden[0])
+        part = rec.call_rows(blocks[0], 0, 0, slice(1, 3), rec.hidden[0][1:3])
+    torch.testing.assert_close(part, full[1:3], rtol=1e-5, atol=1e-6)
+
+
+def test_streaming_refuses_block_tuning(tmp_path):
+    src = tmp_path / "dense"
+    tiny_llama(num_hidden_layers=2).save_pretrained(src)
+    with pytest.raises(ValueError, match="blocktune"):
+        compress_checkpoint(src, tmp_path / "out", HfCompressConfig(method="blocktune", bits=4), _ids(4), show_progress=False)
+    assert not (tmp_path / "out").exists()
