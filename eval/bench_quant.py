@@ -1,4 +1,4 @@
-"""Calibrated quantization benchmark: dense, RTN, GPTQ and QuantEase on real SmolLM2-135M.
+"""Calibrated quantization benchmark: dense, RTN, GPTQ, QuantEase and blocktune on real SmolLM2-135M.
 
 Protocol (issue 3): SmolLM2-135M-Instruct (bf16 checkpoint, computed in float32); calibration 128 windows
 of 512 tokens from the offline Wikipedia summaries, seed 0; WikiText-2 raw test perplexity over the
@@ -38,7 +38,7 @@ LC_REFERENCE = {
     "rtn:4": {"ppl": 28.71},
 }
 
-DEFAULT_CONFIGS = ["dense", "rtn:4", "gptq:4", "quantease:4", "rtn:3", "gptq:3", "quantease:3"]
+DEFAULT_CONFIGS = ["dense", "rtn:4", "gptq:4", "quantease:4", "blocktune:4", "rtn:3", "gptq:3", "quantease:3", "blocktune:3"]
 
 
 def _peak_rss_gb() -> float:

@@ -169,7 +169,9 @@ def oneshot(
         tokenizer: needed for text data; defaults to the tokenizer saved with the model's local folder.
         num_samples, seq_len: the calibration set is ``num_samples`` windows of ``seq_len`` tokens.
         seed: selects and orders the documents; the same seed gives the same windows.
-        batch_size: windows per forward pass (memory vs speed; results do not depend on it).
+        batch_size: windows per forward pass (memory vs speed; results do not depend on it beyond float
+            rounding; ``blocktune``'s tuning steps take ``method_args["tune_batch_size"]`` windows each,
+            within a calibration batch).
         text_column, dataset_config, split: how to read a ``datasets`` source.
         blocks: name of the model's block list when the automatic search picks the wrong one.
         true_sequential: calibrate the modules inside each block in execution order (slower, often better).
