@@ -114,3 +114,67 @@ def test_streaming_refuses_block_tuning(tmp_path):
     with pytest.raises(ValueError, match="blocktune"):
         compress_checkpoint(src, tmp_path / "out", HfCompressConfig(method="blocktune", bits=4), _ids(4), show_progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out - ref).pow(2).mean() / ref.pow(2).mean())
+
+
+def test_bert_encoder_with_mixed_masks_and_a_pooler_after_the_blocks():
+    from transformers import BertConfig, BertModel
+
+    def bert():
+        torch.manual_seed(0)
+        cfg = BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+        return BertModel(cfg).eval()
+
+    ids = torch.randint(1, 128, (8, 24), generator=torch.Generator().manual_seed(0))
+    batches = [{"input_ids": ids[:4], "attention_mask": torch.ones(4, 24, dtype=torch.long)}, {"input_ids": ids[4:]}]
+    dense = bert()
+    errors = {}
+    for method in ("quantease", "blocktune"):
+        model = bert()
+        oneshot(model, HfCompressConfig(method=method, bits=3, group_size=16, method_args=TUNE if method == "blocktune" else {}), batches, show_progress=False)
+        with torch.no_grad():
+            errors[method] = _relative_error(model(ids).last_hidden_state, dense(ids).last_hidden_state)
+    assert errors["blocktune"] < errors["quantease"]
+
+
+def test_vit_with_a_conv_stem_before_the_blocks(tmp_path):
+    from transformers import AutoModelForImageClassification
+
+    from hfcompress.models import tiny_vit
+
+    pixels = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    cfg = dict(bits=3, group_size=16, targets=["Linear", "Conv2d"], ignore=["classifier"])
+    dense = tiny_vit()
+    errors, models = {}, {}
+    for method in ("quantease", "blocktune"):
+        model = tiny_vit()
+        oneshot(model, HfCompressConfig(method=method, method_args=TUNE if method == "blocktune" else {}, **cfg), pixels, batch_size=4, show_progress=False)
+        with torch.no_grad():
+            errors[method] = _relative_error(model(pixels).logits, dense(pixels).logits)
+        models[method] = model
+    assert errors["blocktune"] < errors["quantease"]
+    models["blocktune"].save_pretrained(tmp_path)
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(reloaded(pixels).logits, models["blocktune"](pixels).logits)
+
+
+def test_disk_offloaded_model_tunes_like_the_in_memory_one(tmp_path):
+    from hfcompress import compressed_modules
+
+    tiny_llama().save_pretrained(tmp_path / "dense")
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", device_map=device_map, offload_folder=str(tmp_path / "off"))
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    # offloaded blocks keep their dense gains (the offload store is not written back), so compare scales only
+    cfg = HfCompressConfig(method="blocktune", bits=4, group_size=32, method_args={**TUNE, "tune_norm_lr": 0.0})
+    oneshot(offloaded, cfg, _ids(), show_progress=False)
+    oneshot(plain, cfg, _ids(), show_progress=False)
+    a, b = compressed_modules(offloaded), compressed_modules(plain)
+    assert a.keys() == b.keys() and len(a) == 14
+    for name in a:
+        for t_name, t in b[name].compressed_tensors().items():
+            assert torch.equal(a[name].compressed_tensors()[t_name], t), f"{name}.{t_name}"

@@ -182,6 +182,16 @@ def _decoded_stand_ins(model: nn.Module, replaced: dict[str, nn.Module], twins: 
             set_submodule(model, name, twins[name])
 
 
+def _batches_covering(rows: list[int], samples: int) -> int:
+    """How many leading calibration batches hold the first ``samples`` windows."""
+    total = 0
+    for n, size in enumerate(rows, 1):
+        total += size
+        if total >= samples:
+            return n
+    return len(rows)
+
+
 def _tune_block(
     model: nn.Module,
     block: nn.Module,
@@ -208,7 +218,7 @@ def _tune_block(
     # tuning steps over micro-batches of ``options.batch_size`` samples, the first ``options.samples`` only
     micro: list[tuple[int, slice]] = []
     taken = 0
-    for b, h in enumerate(hidden):
+    for b, h in enumerate(hidden[: len(targets)]):
         for a in range(0, h.shape[0], options.batch_size):
             if taken >= options.samples:
                 break
@@ -430,6 +440,8 @@ def run_calibration(
         block_inputs.hidden = []
         # methods aiming at the dense model's outputs follow the uncompressed model too
         dense_hidden = list(first_hidden) if track_dense else None
+        if tune is not None and not use_dense:  # tuning targets are needed for the first tune.samples windows only
+            dense_hidden = dense_hidden[: _batches_covering(block_inputs.rows, tune.samples)]
         del first_hidden
         progress = tqdm(total=len(block_list), desc=f"oneshot {method.name}", disable=not show_progress, unit="block")
         for i, block in enumerate(block_list):
