@@ -98,12 +98,13 @@ class BlockTuneResult:
 class _TunedWeight:
     """One quantized weight as a differentiable function of its log-scales."""
 
-    def __init__(self, module: nn.Module, q: QuantizedWeight, shape: torch.Size, dtype: torch.dtype, device) -> None:
+    def __init__(self, module: nn.Module, q: QuantizedWeight) -> None:
         rows, cols = q.codes.shape
-        self.module, self.q, self.shape, self.dtype = module, q, shape, dtype
+        weight = module.weight
+        self.module, self.q, self.shape, self.dtype = module, q, weight.shape, weight.dtype
         zero = _zero_full(q.zero, q.bits, rows, cols, q.group_size, q.codes.device)
-        self.offsets = (q.codes.float() - zero).to(device)
-        self.s0 = q.scale.float().to(device)
+        self.offsets = (q.codes.float() - zero).to(weight.device)
+        self.s0 = q.scale.float().to(weight.device)
         self.theta = nn.Parameter(torch.zeros_like(self.s0))
 
     def scale(self) -> torch.Tensor:
@@ -113,19 +114,21 @@ class _TunedWeight:
         cols = self.offsets.shape[1]
         return (self.offsets * expand_groups(self.scale(), cols, self.q.group_size)).to(self.dtype).reshape(self.shape)
 
-    def rounded(self) -> QuantizedWeight:
-        scale = self.scale().detach().to(self.q.scale.dtype).to(self.q.scale.device)
-        return QuantizedWeight(codes=self.q.codes, scale=scale, zero=self.q.zero, bits=self.q.bits, group_size=self.q.group_size)
+    def round_scales(self) -> QuantizedWeight:
+        """Round the tuned scales to the stored dtype and continue from them; returns the grid to store."""
+        scale = self.scale().detach().to(self.q.scale.dtype)
+        self.s0, self.theta = scale.float(), nn.Parameter(torch.zeros_like(self.s0))
+        return QuantizedWeight(codes=self.q.codes, scale=scale.to(self.q.scale.device), zero=self.q.zero, bits=self.q.bits, group_size=self.q.group_size)
 
 
 @contextlib.contextmanager
-def _weights_as_functions(originals: dict[str, nn.Module]) -> Iterator[dict[str, torch.nn.Parameter]]:
+def _weights_as_functions(originals: dict[str, nn.Module]) -> Iterator[None]:
     """Take ``weight`` out of each module's parameters so a computed tensor can be set in its place."""
     saved = {}
     try:
         for name, module in originals.items():
             saved[name] = module._parameters.pop("weight")
-        yield saved
+        yield
     finally:
         for name, module in originals.items():
             module.__dict__.pop("weight", None)
@@ -164,10 +167,7 @@ def tune_block_scales(
     """
     n_batches = len(inputs)
     device = inputs[0].device
-    tuned = {
-        name: _TunedWeight(module, quantized[name], module.weight.shape, module.weight.dtype, module.weight.device)
-        for name, module in originals.items()
-    }
+    tuned = {name: _TunedWeight(module, quantized[name]) for name, module in originals.items()}
     frozen_ids = {id(p) for m in originals.values() for p in m.parameters()}
     dense = [p for p in block.parameters() if id(p) not in frozen_ids and p.is_floating_point()]
     dense_tunable = dense if (options.norm_lr > 0 and can_tune_dense) else []
@@ -205,9 +205,7 @@ def tune_block_scales(
                         loss.backward()
                         opt.step()
                         steps += 1
-            # what would be stored: scales rounded to their dtype
-            for t in tuned.values():
-                t.s0, t.theta = t.rounded().scale.float().to(t.s0.device), nn.Parameter(torch.zeros_like(t.s0))
+            stored = {name: t.round_scales() for name, t in tuned.items()}  # judged as they will be stored
             after = objective()
         finally:
             for p in block.parameters():
@@ -219,8 +217,5 @@ def tune_block_scales(
             for p, saved in zip(dense_tunable, dense_backup):
                 p.copy_(saved)
         return BlockTuneResult(before, after, False, steps), {}
-    results = {}
-    for name, t in tuned.items():
-        q = QuantizedWeight(codes=t.q.codes, scale=t.s0.to(t.q.scale.dtype).to(t.q.scale.device), zero=t.q.zero, bits=t.q.bits, group_size=t.q.group_size)
-        results[name] = CompressedWeight(weight=q.dequantize(torch.float32), quantized=q)
+    results = {name: CompressedWeight(weight=q.dequantize(torch.float32), quantized=q) for name, q in stored.items()}
     return BlockTuneResult(before, after, True, steps), results

@@ -81,13 +81,12 @@ class BlockInputs:
 
     def call(self, block: nn.Module, index: int, batch: int, hidden: torch.Tensor) -> torch.Tensor:
         """Run ``block`` (number ``index``) on ``hidden`` with the recorded arguments of ``batch``."""
-        args, kwargs = self.args[index][batch], self.kwargs[index][batch]
-        if self.hidden_key is None:
-            out = block(hidden, *args, **kwargs)
-        else:
-            out = block(*args, **{**kwargs, self.hidden_key: hidden})
-        return first_tensor(out)
+        return self._run(block, hidden, self.args[index][batch], self.kwargs[index][batch])
 
+    def _run(self, block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+        if self.hidden_key is None:
+            return first_tensor(block(hidden, *args, **kwargs))
+        return first_tensor(block(*args, **{**kwargs, self.hidden_key: hidden}))
 
     def call_rows(self, block: nn.Module, index: int, batch: int, rows: slice, hidden: torch.Tensor) -> torch.Tensor:
         """Like :meth:`call` for the samples ``rows`` of ``batch`` only (``hidden`` holds just those rows).
@@ -96,7 +95,7 @@ class BlockInputs:
         size is the batch's, such as attention masks, position ids and rotary tables) are sliced alike;
         the others (broadcast or per-position tensors, flags) are passed as recorded.
         """
-        size = self.batch_rows(batch)
+        size = self.rows[batch]
 
         def cut(v: Any) -> Any:
             if isinstance(v, torch.Tensor):
@@ -106,16 +105,7 @@ class BlockInputs:
             return v
 
         args = tuple(cut(a) for a in self.args[index][batch])
-        kwargs = {k: cut(v) for k, v in self.kwargs[index][batch].items()}
-        if self.hidden_key is None:
-            out = block(hidden, *args, **kwargs)
-        else:
-            out = block(*args, **{**kwargs, self.hidden_key: hidden})
-        return first_tensor(out)
-
-    def batch_rows(self, batch: int) -> int:
-        """Number of samples in calibration batch ``batch``."""
-        return int(self.rows[batch])
+        return self._run(block, hidden, args, {k: cut(v) for k, v in self.kwargs[index][batch].items()})
 
 
 def first_tensor(out: Any) -> torch.Tensor:
@@ -172,7 +162,7 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[
             if i == 0:
                 rec.hidden_key = key
                 rec.hidden.append(hidden)
-                rec.rows.append(hidden.shape[0])
+                rec.rows.append(int(hidden.shape[0]))
                 if rec.output_template is None:
                     full = {**kwargs, key: hidden} if key else kwargs
                     rec.output_template = true_forwards[0](*((hidden,) + rest if key is None else rest), **full)

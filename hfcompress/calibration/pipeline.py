@@ -236,7 +236,6 @@ def _tune_block(
         twins[name].set_compressed_weight(cw)
     for name in names:
         run.quantized.pop(name, None)
-    run.block_results.append(result)
     logger.info(
         "block %d: tuned output error %.4g -> %.4g (%s, %d steps, %.1fs)", index, result.loss_before,
         result.loss_after, "kept" if result.kept else "not kept", result.steps, time.perf_counter() - start,
@@ -262,10 +261,8 @@ class _Run:
         self.show_progress = show_progress
         self.results: dict[str, LayerResult] = {}
         self.replaced: dict[str, nn.Module] = {}  # name -> original dense module (for rollback)
-        #: block tuning: the grids of the current block's quantized (not pruned) weights
-        self.keep_quantized = False
-        self.quantized: dict[str, Any] = {}
-        self.block_results: list[BlockTuneResult] = []
+        #: block tuning only (else ``None``): the grids of the current block's quantized (not pruned) weights
+        self.quantized: dict[str, Any] | None = None
 
     def compress_modules(self, names: list[str], collector: StatsCollector | None) -> dict[str, CompressedModule]:
         twins = {}
@@ -284,7 +281,7 @@ class _Run:
             cw: CompressedWeight = self.method.compress_layer(w2d, stats, spec, self.method_args)
             seconds = time.perf_counter() - start
             _check_result(name, cw, tuple(w2d.shape))
-            if self.keep_quantized and cw.quantized is not None and cw.mask is None:
+            if self.quantized is not None and cw.quantized is not None and cw.mask is None:
                 self.quantized[name] = cw.quantized
             twin = compressed_twin(dense, spec)
             twin.set_compressed_weight(cw)
@@ -419,7 +416,8 @@ def run_calibration(
     tune: BlockTuneOptions | None = method.tune_options(method_args) if method.tune_options is not None else None
     track_dense = use_dense or tune is not None  # the dense model's hidden states are followed block by block
     run = _Run(model, plan, method, method_args, show_progress)
-    run.keep_quantized = tune is not None
+    if tune is not None:
+        run.quantized = {}
     was_training = model.training
     model.eval()
     try:
