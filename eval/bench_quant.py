@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
 
     sys.path.insert(0, str(REPO))
     from hfcompress.calibration import calibration_batches
-    from hfcompress.evaluation import wikitext2_test_path
+    from hfcompress.evaluation import wikitext2_test_text
     from hfcompress.models import real_model_path
 
     path = real_model_path("smollm2")
@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_quant-"))
     windows_file = tmp / "calibration_windows.pt"
     torch.save(batches[0]["input_ids"], windows_file)
+    wikitext_file = tmp / "wiki.test.txt"  # the peer's worker scores the same text (read without hfcompress)
+    wikitext_file.write_text(wikitext2_test_text(), encoding="utf-8")
     common = {"windows": str(windows_file), "windows_eval": args.windows, "batch_size": args.batch_size, "calib_dtype": args.calib_dtype}
     print(
         f"SmolLM2-135M (bf16 weights; our calibration in {args.calib_dtype}, evaluation in float32); calibration {args.num_samples} x {args.seq_len} tokens of Wikipedia "
@@ -198,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         lc_label = "llm-compressor, measured in this run"
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         for config in args.lc_configs:
-            spec = {**_parse(config, args.group_size), **common, "model": str(path), "wikitext": str(wikitext2_test_path())}
+            spec = {**_parse(config, args.group_size), **common, "model": str(path), "wikitext": str(wikitext_file)}
             lc[config] = _spawn([args.lc_python, str(script), json.dumps(spec)], env=env)
             r = lc[config]
             print(f"  llm-compressor {config:10s} ppl {r['ppl']:8.3f}  {r['seconds']:7.1f} s ({r['cpu_s']:.0f} CPU s)  {r['rss_gb']:.2f} GB", flush=True)

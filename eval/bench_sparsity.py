@@ -57,7 +57,7 @@ def run_llmcompressor(args) -> list[dict]:
     from transformers import AutoTokenizer
 
     from hfcompress.calibration.data import calibration_batches
-    from hfcompress.evaluation import wikitext2_test_path
+    from hfcompress.evaluation import wikitext2_test_text
     from hfcompress.models import real_model_path
 
     src = real_model_path("smollm2")
@@ -67,9 +67,10 @@ def run_llmcompressor(args) -> list[dict]:
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(ids, f"{tmp}/ids.pt")
+        Path(tmp, "wiki.test.txt").write_text(wikitext2_test_text(), encoding="utf-8")  # the peer reads the same text
         script = str(Path(__file__).with_name("lc_sparsity_reference.py"))
         for name in args.lc_configs:
-            cmd = [args.lc_python, script, LC_CONFIGS[name], str(src), f"{tmp}/ids.pt", str(wikitext2_test_path()),
+            cmd = [args.lc_python, script, LC_CONFIGS[name], str(src), f"{tmp}/ids.pt", f"{tmp}/wiki.test.txt",
                    str(args.windows), str(args.threads)]  # fmt: skip
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:

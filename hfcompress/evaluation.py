@@ -9,39 +9,43 @@ reference numbers.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import lzma
 import math
-import os
-from pathlib import Path
+from importlib import resources
 
 import torch
 from tqdm.auto import tqdm
 
-WIKITEXT2_ENV = "HFCOMPRESS_WIKITEXT2"
+#: SHA-256 of WikiText-2 raw test (``wiki.test.raw`` of ``wikitext-2-raw-v1``), as published upstream
+WIKITEXT2_SHA256 = "4f3e427e4aff23acff917a8a51aeae21bf12832256e26914c8fc250dcef4103c"
+_WIKITEXT2_RESOURCE = ("data", "wikitext-2-raw", "wiki.test.raw.xz")
 
 
-def wikitext2_test_path() -> Path | None:
-    """The local WikiText-2 raw test file: ``$HFCOMPRESS_WIKITEXT2`` or ``../shared/data`` beside the repo."""
-    env = os.environ.get(WIKITEXT2_ENV)
-    candidates = [Path(env)] if env else []
-    here = Path(__file__).resolve().parent.parent
-    candidates += [here.parent / "shared/data/wikitext-2-raw/wiki.test.raw", Path.cwd().parent / "shared/data/wikitext-2-raw/wiki.test.raw"]
-    return next((p for p in candidates if p.is_file()), None)
+@functools.lru_cache(maxsize=1)
+def wikitext2_test_text() -> str:
+    """WikiText-2 raw test, the copy shipped inside the package (xz-compressed, SHA-256 checked).
 
-
-def wikitext2_test_text(allow_download: bool = False) -> str:
-    """WikiText-2 raw test text, from the local copy or (``allow_download=True``) the ``datasets`` hub loader."""
-    path = wikitext2_test_path()
-    if path is not None:
-        return path.read_text(encoding="utf-8")
-    if not allow_download:
-        raise FileNotFoundError(
-            "WikiText-2 raw test not found locally; set HFCOMPRESS_WIKITEXT2=/path/to/wiki.test.raw or pass "
-            "allow_download=True to fetch it with datasets."
+    Line ends are normalised to ``\\n`` (the file has CRLF), as Python's text mode reads the file; see
+    ``hfcompress/data/wikitext-2-raw/README.md`` for its source and licence. No network, no file outside
+    the installed package.
+    """
+    resource = resources.files("hfcompress").joinpath(*_WIKITEXT2_RESOURCE)
+    try:
+        raw = lzma.decompress(resource.read_bytes())
+    except (FileNotFoundError, lzma.LZMAError) as exc:
+        raise RuntimeError(
+            f"The WikiText-2 copy shipped with hfcompress ({'/'.join(_WIKITEXT2_RESOURCE)}) is missing or damaged "
+            f"({exc}); reinstall hfcompress."
+        ) from None
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != WIKITEXT2_SHA256:
+        raise RuntimeError(
+            f"The WikiText-2 copy shipped with hfcompress has SHA-256 {digest}, expected {WIKITEXT2_SHA256}; "
+            "reinstall hfcompress."
         )
-    from datasets import load_dataset
-
-    rows = load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]
-    return "".join(rows)
+    return raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
 
 
 @torch.no_grad()

