@@ -19,19 +19,34 @@ LOSSLESS_DECODE_MODES = ("load", "lazy", "first_forward")
 
 
 def _check_patterns(name: str, value: Any) -> list[str]:
+    """``value`` as a list of patterns: one string is one entry (never split into characters)."""
     if value is None:
         return []
     if isinstance(value, str):
         value = [value]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
-        raise ValueError(f"{name}={value!r} must be a list of non-empty strings (module types, names or 're:<regex>').")
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(
+            f"{name}={value!r} must be a string or a list of strings (module types, names or 're:<regex>'), "
+            f"not {type(value).__name__}."
+        )
     for pattern in value:
+        if not isinstance(pattern, str):
+            raise TypeError(f"{name} entry {pattern!r} must be a string, not {type(pattern).__name__}.")
+        if not pattern:
+            raise ValueError(f"{name} has an empty entry; use module types, names or 're:<regex>'.")
         if pattern.startswith("re:"):
             try:
                 re.compile(pattern[3:])
             except re.error as exc:
                 raise ValueError(f"{name} entry {pattern!r} is not a valid regular expression: {exc}.") from None
     return list(value)
+
+
+def _check_type(name: str, value: Any, types: tuple[type, ...], what: str) -> None:
+    if isinstance(value, bool) and bool not in types:
+        raise TypeError(f"{name}={value!r} must be {what}, not bool.")
+    if not isinstance(value, types):
+        raise TypeError(f"{name}={value!r} must be {what}, not {type(value).__name__}.")
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -76,6 +91,10 @@ class HfCompressConfig(QuantizationConfigMixin):
             attribute: passing ``quantization_config=HfCompressConfig(lossless=True, lossless_decode="lazy")``
             to ``from_pretrained`` of a saved checkpoint overrides the saved choice. See
             :mod:`hfcompress.lossless.lazy`.
+
+    Loading a saved checkpoint needs no config (its ``config.json`` holds it); options for that load come from
+    :meth:`HfCompressConfig.loading`, e.g. ``from_pretrained(path, quantization_config=HfCompressConfig.loading(
+    verify_checksums=False))``.
     """
 
     def __init__(
@@ -97,6 +116,10 @@ class HfCompressConfig(QuantizationConfigMixin):
         quant_method: str = QUANT_METHOD,
         **unknown: Any,
     ) -> None:
+        #: loading attribute (never saved): verify every tensor's checksum and the config stamp when a saved
+        #: checkpoint loads (see :mod:`hfcompress.integrity`)
+        self.verify_checksums = True
+        self._loading_only: tuple[str, ...] | None = None  # set by HfCompressConfig.loading()
         if unknown:
             raise TypeError(
                 f"HfCompressConfig got unknown argument(s) {sorted(unknown)}; valid ones are: {sorted(self._FIELDS)}."
@@ -112,9 +135,13 @@ class HfCompressConfig(QuantizationConfigMixin):
         self.sparsity = sparsity
         self.sparsity_structure = sparsity_structure
         self.method = method
-        self.method_args = dict(method_args or {})
-        self.targets = list(targets) if targets is not None else ["Linear"]
-        self.ignore = None if ignore is None else list(ignore)
+        if method_args is not None:
+            _check_type("method_args", method_args, (dict,), "a dict of keyword arguments, e.g. {'damp': 0.01}")
+        if overrides is not None:
+            _check_type("overrides", overrides, (list, tuple), "a list of dicts, e.g. [{'targets': ['re:down_proj'], 'bits': 8}]")
+        self.method_args = copy.deepcopy(dict(method_args or {}))
+        self.targets = _check_patterns("targets", targets) if targets is not None else ["Linear"]
+        self.ignore = None if ignore is None else _check_patterns("ignore", ignore)
         self.overrides = copy.deepcopy(list(overrides)) if overrides else []
         self.lossless = lossless
         self.lossless_decode = lossless_decode
@@ -126,14 +153,53 @@ class HfCompressConfig(QuantizationConfigMixin):
     )  # fmt: skip
 
     # ------------------------------------------------------------------ validation
+    @classmethod
+    def loading(cls, *, verify_checksums: bool | None = None, lossless_decode: str | None = None) -> "HfCompressConfig":
+        """Options for ``from_pretrained`` of a checkpoint saved by hfcompress (its ``config.json`` says how it
+        is compressed; only the options given here change)::
+
+            AutoModelForCausalLM.from_pretrained("smollm2-w4", quantization_config=HfCompressConfig.loading(verify_checksums=False))
+
+        Args:
+            verify_checksums: check every tensor against the checksums recorded when it was written, and the
+                config against the one the tensors were written for (default ``True``; see
+                :mod:`hfcompress.integrity`). ``False`` skips the checksums (the config check stays).
+            lossless_decode: for lossless checkpoints, when coded tensors are decoded (see the class docs).
+
+        The result only carries loading options: passing it to ``from_pretrained`` of a dense checkpoint is refused.
+        """
+        given = {}
+        if verify_checksums is not None:
+            _check_type("verify_checksums", verify_checksums, (bool,), "True or False")
+            given["verify_checksums"] = verify_checksums
+        if lossless_decode is not None:
+            _check_type("lossless_decode", lossless_decode, (str,), f"one of {LOSSLESS_DECODE_MODES}")
+            if lossless_decode not in LOSSLESS_DECODE_MODES:
+                raise ValueError(f"lossless_decode={lossless_decode!r} is not supported; use one of {LOSSLESS_DECODE_MODES}.")
+            given["lossless_decode"] = lossless_decode
+        config = cls(lossless=True)
+        for name, value in given.items():
+            setattr(config, name, value)
+        config._loading_only = tuple(given)
+        return config
+
+    @property
+    def is_loading_only(self) -> bool:
+        """Whether this config came from :meth:`loading` (options for loading a saved checkpoint only)."""
+        return self._loading_only is not None
+
     def post_init(self) -> None:
-        """Validate every setting; raises ``ValueError`` naming the parameter, the value and the fix."""
+        """Validate every setting: ``TypeError`` for a wrong type, ``ValueError`` for a bad value, each naming the
+        parameter, the value and the fix. Everything a later step would refuse is refused here."""
+        _check_type("method", self.method, (str,), "a method name such as 'rtn' or 'gptq'")
         method = get_method(self.method)
+        _check_type("method_args", self.method_args, (dict,), "a dict of keyword arguments, e.g. {'damp': 0.01}")
+        for key in self.method_args:
+            if not isinstance(key, str):
+                raise TypeError(f"method_args key {key!r} must be a string, not {type(key).__name__}.")
+        _check_type("lossless", self.lossless, (bool,), "True or False")
+        _check_type("lossless_decode", self.lossless_decode, (str,), f"one of {LOSSLESS_DECODE_MODES}")
         default = self.default_spec()
-        if not isinstance(self.method_args, dict):
-            raise ValueError(f"method_args={self.method_args!r} must be a dict of keyword arguments.")
-        if not isinstance(self.lossless, bool):
-            raise ValueError(f"lossless={self.lossless!r} must be True or False.")
         if self.lossless_decode not in LOSSLESS_DECODE_MODES:
             raise ValueError(
                 f"lossless_decode={self.lossless_decode!r} is not supported; use one of {LOSSLESS_DECODE_MODES} "
@@ -156,17 +222,25 @@ class HfCompressConfig(QuantizationConfigMixin):
                 )
         if self.ignore is not None:
             self.ignore = _check_patterns("ignore", self.ignore)
+        _check_type("overrides", self.overrides, (list,), "a list of dicts, e.g. [{'targets': ['re:down_proj'], 'bits': 8}]")
         specs = [("the top-level settings", default)]
         for i, override in enumerate(self.overrides):
-            if not isinstance(override, dict) or "targets" not in override:
-                raise ValueError(f"overrides[{i}]={override!r} must be a dict with a 'targets' list and weight settings.")
+            if not isinstance(override, dict):
+                raise TypeError(f"overrides[{i}]={override!r} must be a dict with a 'targets' list and weight settings.")
+            if "targets" not in override:
+                raise ValueError(f"overrides[{i}]={override!r} has no 'targets'; add e.g. 'targets': ['re:down_proj'].")
             bad = set(override) - {"targets"} - set(LayerSpec.field_names())
             if bad:
                 raise ValueError(
                     f"overrides[{i}] has unknown setting(s) {sorted(bad)}; allowed: targets, {', '.join(LayerSpec.field_names())}."
                 )
-            _check_patterns(f"overrides[{i}].targets", override["targets"])
-            specs.append((f"overrides[{i}]", self.override_spec(i)))
+            override["targets"] = _check_patterns(f"overrides[{i}].targets", override["targets"])
+            if not override["targets"]:
+                raise ValueError(f"overrides[{i}].targets=[] selects nothing; use e.g. ['re:down_proj'].")
+            try:
+                specs.append((f"overrides[{i}]", self.override_spec(i)))
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"overrides[{i}]: {exc}") from None
         for where, spec in specs:
             if not (spec.quantized or spec.sparse or self.lossless):
                 raise ValueError(
@@ -180,6 +254,7 @@ class HfCompressConfig(QuantizationConfigMixin):
                     f"method={self.method!r} does not prune but {where} ask for sparsity={spec.effective_sparsity:g}; "
                     "pick a pruning method (e.g. method='magnitude', 'wanda' or 'sparsegpt')."
                 )
+        method.validate(self.method_args)
 
     def default_spec(self) -> LayerSpec:
         return LayerSpec(**{name: getattr(self, name) for name in LayerSpec.field_names()})
@@ -201,9 +276,13 @@ class HfCompressConfig(QuantizationConfigMixin):
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()
 
+    _LOADING_ATTRIBUTES = ("lossless_decode", "verify_checksums")
+
     def get_loading_attributes(self) -> dict[str, Any]:
-        """Settings that a config passed to ``from_pretrained`` may change in a saved checkpoint's config."""
-        return {"lossless_decode": self.lossless_decode}
+        """Settings that a config passed to ``from_pretrained`` may change in a saved checkpoint's config (for a
+        :meth:`loading` config, only the ones it was given)."""
+        names = self._loading_only if self._loading_only is not None else self._LOADING_ATTRIBUTES
+        return {name: getattr(self, name) for name in names}
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, HfCompressConfig) and self.to_dict() == other.to_dict()

@@ -21,31 +21,25 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
-from .checkpoint import SAFETENSORS_DTYPES, read_header
+from .checkpoint import DTYPE_NAMES, INDEX_NAME, SAFETENSORS_DTYPES, data_start, read_header, read_index, read_tensor_index, shard_names
+from .integrity import CHECKSUMS_KEY, IntegrityError, checksum_metadata, tensor_record
+from .outputs import OutputFolder, copy_contained
 from .config import QUANT_METHOD, HfCompressConfig
 from .formats import lossless as fmt
 from .lossless import codec
 from .lossless.loader import METADATA_KEY
 
-_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 _CAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-INDEX_NAME = "model.safetensors.index.json"
 
 
 def _shards(src: Path) -> list[str]:
-    index = src / INDEX_NAME
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return sorted(set(weight_map.values()))
-    if (src / "model.safetensors").exists():
-        return ["model.safetensors"]
-    other = sorted(p.name for p in src.glob("*.bin")) + sorted(p.name for p in src.glob("*.pt"))
-    hint = f" (found {other[:3]}: re-save it with save_pretrained(..., safe_serialization=True))" if other else ""
-    raise FileNotFoundError(f"{src} holds no safetensors checkpoint (model.safetensors or {INDEX_NAME}){hint}.")
+    """The source's shard names, validated (plain names inside ``src``, index and shards in agreement)."""
+    names = shard_names(src)
+    read_tensor_index([str(src / n) for n in names], read_index(src))
+    return names
 
 
 def _lossless_config(config: dict, dtype: str | None) -> dict:
@@ -99,14 +93,11 @@ def _read_tensors(path: Path):
     the shard (mapped pages of a big file would all count as resident once touched).
     """
     header = read_header(path)  # validated: a truncated or corrupt file fails here, before any work
+    start = data_start(path)
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        start = 8 + n
         items = sorted(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][0])
         for name, info in items:
-            dtype = SAFETENSORS_DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise ValueError(f"Tensor {name!r} in {path} has unsupported dtype {info['dtype']!r}.")
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
             begin, end = info["data_offsets"]
             f.seek(start + begin)
             buf = bytearray(end - begin)
@@ -117,14 +108,27 @@ def _read_tensors(path: Path):
 
 
 def _convert_shard(
-    src: Path, dst: Path, work: Path, cast: torch.dtype | None, chunk_elems: int, threads: int | None
+    src: Path, dst: Path, work: Path, cast: torch.dtype | None, chunk_elems: int, threads: int | None,
+    stamp: HfCompressConfig, source_records: dict[str, list] | None,
 ) -> dict[str, str]:
-    """Code one shard tensor by tensor; returns the stored names (for the index)."""
+    """Code one shard tensor by tensor; returns the stored names (for the index).
+
+    A source written by hfcompress is verified tensor by tensor against its recorded checksums as it is read, so
+    damage is never carried into the twin; the twin's shards record the checksums of what they store.
+    """
     entries = []
+    records: dict[str, list] = {}
     data_path = work / (dst.name + ".data")
-    metadata = dict(read_header(src).get("__metadata__") or {})
+    metadata = {k: v for k, v in (read_header(src).get("__metadata__") or {}).items() if not k.startswith("hfcompress_")}
     with open(data_path, "wb") as data:
         for name, tensor in _read_tensors(src):
+            if source_records is not None:
+                want = source_records.get(name)
+                if want is None or tensor_record(tensor) != want:
+                    raise IntegrityError(
+                        f"{src}: tensor {name!r} does not match the checksum recorded when it was written; the source "
+                        "is damaged or was modified. Restore it before converting."
+                    )
             if cast is not None and tensor.is_floating_point() and tensor.dtype != cast:
                 tensor = tensor.to(cast)
             stored, value = fmt.encode_one(name, tensor, chunk_elems=chunk_elems, threads=threads)
@@ -132,13 +136,27 @@ def _convert_shard(
             nbytes = value.numel() * value.element_size()
             if nbytes:
                 data.write(memoryview(value.reshape(-1).view(torch.uint8).numpy()))
-            entries.append((stored, _DTYPE_NAMES[value.dtype], list(value.shape), nbytes))
+            entries.append((stored, DTYPE_NAMES[value.dtype], list(value.shape), nbytes))
+            records[stored] = tensor_record(value)
             del tensor, value
     metadata.setdefault("format", "pt")
     metadata[METADATA_KEY] = "1"
+    metadata.update(checksum_metadata(records, stamp))
     _write_safetensors(dst, entries, data_path, metadata)
     data_path.unlink()
     return {stored: dst.name for stored, *_ in entries}
+
+
+def _source_records(src: Path, shards: list[str]) -> dict[str, list] | None:
+    """The checksum records of a source written by hfcompress (``None`` for a plain Hugging Face checkpoint)."""
+    merged: dict[str, list] = {}
+    found = False
+    for shard in shards:
+        raw = (read_header(src / shard).get("__metadata__") or {}).get(CHECKSUMS_KEY)
+        if raw is not None:
+            found = True
+            merged.update(json.loads(raw))
+    return merged if found else None
 
 
 def convert_checkpoint(
@@ -166,20 +184,21 @@ def convert_checkpoint(
         raise FileNotFoundError(f"src={str(src)!r} is not a Hugging Face model folder (no config.json).")
     if dtype is not None and dtype not in _CAST_DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(_CAST_DTYPES)} or None (keep every bit).")
-    if dst.resolve() == src.resolve():
-        raise ValueError("dst must differ from src: the conversion never modifies its input.")
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"dst={str(dst)!r} exists; pass overwrite=True (or --overwrite) to replace it.")
+    output = OutputFolder(dst, sources=[src], overwrite=overwrite, kind="checkpoint", what="dst")
     shards = _shards(src)
     config = _lossless_config(json.loads((src / "config.json").read_text()), dtype)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
+    stamp = HfCompressConfig.from_dict(config["quantization_config"])
+    source_records = _source_records(src, shards)
+    if source_records is None and (json.loads((src / "config.json").read_text()).get("quantization_config") or {}).get("quant_method") == QUANT_METHOD:
+        raise IntegrityError(f"{src} is an hfcompress checkpoint without checksums; re-save it with this version of hfcompress first.")
+    with output as tmp:
         work = tmp / ".work"
         work.mkdir()
         weight_map: dict[str, str] = {}
         for shard in shards:
-            weight_map.update(_convert_shard(src / shard, tmp / shard, work, _CAST_DTYPES.get(dtype), chunk_elems, threads))
+            weight_map.update(
+                _convert_shard(src / shard, tmp / shard, work, _CAST_DTYPES.get(dtype), chunk_elems, threads, stamp, source_records)
+            )
         work.rmdir()
         if (src / INDEX_NAME).exists():
             index = json.loads((src / INDEX_NAME).read_text())
@@ -187,24 +206,7 @@ def convert_checkpoint(
             index.setdefault("metadata", {})["total_size"] = sum(os.path.getsize(tmp / s) for s in shards)
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        skip = set(shards) | {INDEX_NAME, "config.json"}
-        for item in src.iterdir():
-            if item.name in skip:
-                continue
-            if item.is_dir():
-                shutil.copytree(item, tmp / item.name)
-            else:
-                shutil.copy2(item, tmp / item.name)
-        if dst.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-            os.replace(dst, old / dst.name)
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        copy_contained(src, tmp, skip=set(shards) | {INDEX_NAME, "config.json"})
     return dst
 
 

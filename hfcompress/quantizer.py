@@ -20,6 +20,8 @@ one :class:`~hfcompress.lossless.LosslessFormatError` naming the tensors.
 
 from __future__ import annotations
 
+import os
+import re
 import warnings
 from typing import Any
 
@@ -28,7 +30,8 @@ from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.auto import register_quantizer
 from transformers.quantizers.base import HfQuantizer
 
-from .checkpoint import read_tensor_index
+from .checkpoint import INDEX_NAME, CheckpointError, plain_file_name, read_index, read_tensor_index
+from .integrity import checksum_metadata, tensor_record, verify_files
 from .formats import lossless as lossless_format
 from .lossless.loader import METADATA_KEY as LOSSLESS_METADATA_KEY
 from .lossless.lazy import defer
@@ -76,6 +79,11 @@ class HfCompressQuantizer(HfQuantizer):
 
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
         config = self.quantization_config
+        if not self.pre_quantized and config.is_loading_only:
+            raise ValueError(
+                "HfCompressConfig.loading(...) only carries options for loading a checkpoint saved by hfcompress, and "
+                "this checkpoint is not compressed. To compress it, pass HfCompressConfig(bits=..., ...)."
+            )
         if not self.pre_quantized and not config.is_data_free:
             raise ValueError(
                 f"method={config.method!r} needs calibration data and cannot run inside from_pretrained. Load the "
@@ -101,9 +109,15 @@ class HfCompressQuantizer(HfQuantizer):
         plan = resolve_layers(model, self.quantization_config)
         index = None
         if self.pre_quantized and checkpoint_files:
-            index = read_tensor_index(checkpoint_files)
+            files = _checked_files(checkpoint_files)
+            folder = os.path.dirname(os.path.abspath(files[0]))
+            index = read_tensor_index(files, read_index(folder) if os.path.isfile(os.path.join(folder, INDEX_NAME)) else None)
+            rename = _loader_renaming(model, kwargs.get("key_mapping"))
+            # every tensor against its recorded checksum, config.json against the config the tensors were written for
+            verify_files(files, self.quantization_config, rename=rename, checksums=self.quantization_config.verify_checksums)
             # lossless payloads: shapes/dtypes from their headers (and an error if the config does not declare them)
-            index = lossless_format.resolve_index(index, checkpoint_files, self.quantization_config.lossless)
+            index = lossless_format.resolve_index(index, files, self.quantization_config.lossless)
+            self._stored_names = list(index.tensors)
             index = index.renamed_for(model, kwargs.get("key_mapping"))
         twins = {}
         for name, spec in plan.items():
@@ -121,6 +135,9 @@ class HfCompressQuantizer(HfQuantizer):
             twins[name] = twin
         for name, twin in twins.items():
             set_submodule(model, name, twin)
+        if self.pre_quantized and getattr(self, "_stored_names", None) is not None:
+            check_stored_keys(model, self._stored_names, kwargs.get("key_mapping"))
+            self._stored_names = None
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs: Any) -> bool:
@@ -167,9 +184,20 @@ class HfCompressQuantizer(HfQuantizer):
         return conversions
 
     def get_state_dict_and_metadata(self, model):
-        if not self.quantization_config.lossless or getattr(model, "_hf_peft_config_loaded", False):
+        """The state dict ``save_pretrained`` writes, with every tensor's checksum and the config stamp in the
+        metadata of each shard (see :mod:`hfcompress.integrity`); lossless checkpoints get their payloads."""
+        if getattr(model, "_hf_peft_config_loaded", False):
             return super().get_state_dict_and_metadata(model)
-        return lossless_state_dict(model), {LOSSLESS_METADATA_KEY: "1"}
+        metadata: dict[str, str] = {}
+        if self.quantization_config.lossless:
+            state_dict = lossless_state_dict(model)
+            metadata[LOSSLESS_METADATA_KEY] = "1"
+        else:
+            state_dict = model.state_dict()
+        config = getattr(getattr(model, "config", None), "quantization_config", None)
+        records = {name: tensor_record(_materialized(model, name, tensor)) for name, tensor in state_dict.items()}
+        metadata.update(checksum_metadata(records, config if isinstance(config, HfCompressConfig) else self.quantization_config))
+        return state_dict, metadata
 
     # ------------------------------------------------------------------ contract
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
@@ -193,3 +221,92 @@ def validate_loaded(model: torch.nn.Module) -> None:
                 f"{name}.weight_shape records {shape} but the model expects {module.dense_shape}; the checkpoint "
                 "belongs to another model."
             )
+
+
+def _checked_files(files) -> list[str]:
+    """The checkpoint files transformers resolved: plain names, all in one folder (an index naming
+    ``../other-model/...`` would otherwise make the loader read another model's weights)."""
+    files = [os.fspath(f) for f in files]
+    folders = {os.path.dirname(os.path.abspath(f)) for f in files}
+    for f in files:
+        plain_file_name(os.path.basename(f), f"checkpoint file {f}")
+    if len(folders) > 1:
+        raise CheckpointError(
+            f"The checkpoint's shards lie in {len(folders)} different folders ({sorted(folders)[:2]}); its index names "
+            "files outside the checkpoint folder. The index is damaged or crafted."
+        )
+    return files
+
+
+def _loader_renaming(model, key_mapping=None):
+    """``stored name -> model name`` as transformers' loader renames keys (legacy names, base-model prefix)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    mapping = get_model_conversion_mapping(model, key_mapping, None)
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    meta = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", None) or None
+
+    def rename(key: str) -> str:
+        renamed, _ = rename_source_key(key, renamings, converters, prefix, meta)
+        if renamed not in meta and key in meta:
+            renamed, _ = rename_source_key(key, [], [], base_model_prefix=prefix, meta_state_dict=meta)
+        return renamed
+
+    return rename
+
+
+def check_stored_keys(model: torch.nn.Module, stored: list[str], key_mapping=None) -> None:
+    """Every stored tensor must land in the model and every model tensor must come from the file.
+
+    Exceptions are transformers' own: tied weights (stored once), the patterns a model class declares in
+    ``_keys_to_ignore_on_load_missing/unexpected``, the head of a checkpoint loaded into its base model and the
+    new head of a base-model checkpoint loaded into a model with a head. Raises ``CheckpointError`` naming the
+    tensors otherwise (e.g. an asymmetric checkpoint whose config says symmetric: its zero points would be
+    dropped; targets narrowed in config.json: compressed tensors unused and the layers left random).
+    """
+    rename = _loader_renaming(model, key_mapping)
+    expected = set(model.state_dict())
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    landed = {rename(k): k for k in stored}
+    model_has_base = bool(prefix) and hasattr(model, prefix) and isinstance(getattr(model, prefix), torch.nn.Module)
+    ckpt_has_base = bool(prefix) and any(k.startswith(prefix + ".") for k in stored)
+
+    def matches(key: str, patterns) -> bool:
+        return any(re.search(p, key) for p in patterns or [])
+
+    unexpected = sorted(
+        orig for new, orig in landed.items()
+        if new not in expected
+        and not matches(orig, getattr(model, "_keys_to_ignore_on_load_unexpected", None))
+        and not (not model_has_base and ckpt_has_base and not orig.startswith(prefix + "."))  # head of a bigger model
+    )  # fmt: skip
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    missing = sorted(
+        k for k in expected - set(landed)
+        if not (k in tied and tied[k] in landed)
+        and not matches(k, getattr(model, "_keys_to_ignore_on_load_missing", None))
+        and not (model_has_base and not ckpt_has_base and not k.startswith(prefix + "."))  # new head on a base model
+    )  # fmt: skip
+    if unexpected:
+        raise CheckpointError(
+            f"The checkpoint stores {len(unexpected)} tensor(s) this model has no place for, e.g. {unexpected[:3]}: "
+            "config.json's quantization_config does not describe these weights (e.g. symmetric/targets/ignore edited), "
+            "or the checkpoint belongs to another model. Loading would silently drop them."
+        )
+    if missing:
+        raise CheckpointError(
+            f"The checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}: they would be left "
+            "randomly initialised. The checkpoint is incomplete, or config.json's quantization_config was edited."
+        )
+
+
+def _materialized(model, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with data (parameters offloaded to disk are meta in the state dict and read back here)."""
+    if tensor.device.type != "meta":
+        return tensor
+    from transformers.modeling_utils import load_offloaded_parameter
+
+    return load_offloaded_parameter(model, name)

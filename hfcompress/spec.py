@@ -14,6 +14,8 @@ SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 SCALE_DTYPES = ("float16", "bfloat16", "float32")
 CLIP_MODES = ("minmax", "mse")
 _NM = re.compile(r"^(\d+):(\d+)$")
+#: largest M of an N:M pattern (the ``nm`` format ranks each group's pattern in at most 64 bits)
+MAX_NM_M = 64
 
 
 @dataclass(frozen=True)
@@ -48,22 +50,32 @@ class LayerSpec:
 
     # ------------------------------------------------------------------ validation
     def validate(self, where: str = "") -> None:
+        """Raise ``TypeError`` (wrong type) or ``ValueError`` (bad value) naming the setting and the fix."""
         at = f" (in {where})" if where else ""
-        if self.bits is not None and (isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS):
+        if self.bits is not None and (isinstance(self.bits, bool) or not isinstance(self.bits, int)):
+            raise TypeError(f"bits={self.bits!r}{at} must be an int (one of {SUPPORTED_BITS}) or None, not {type(self.bits).__name__}.")
+        if self.bits is not None and self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits={self.bits!r}{at} is not supported; use one of {SUPPORTED_BITS} or None.")
-        if self.group_size is not None and (
-            isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0
-        ):
+        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)):
+            raise TypeError(
+                f"group_size={self.group_size!r}{at} must be a positive int, or None/-1 for per-channel scales, "
+                f"not {type(self.group_size).__name__}."
+            )
+        if self.group_size is not None and self.group_size <= 0:
             raise ValueError(
                 f"group_size={self.group_size!r}{at} must be a positive integer, or None/-1 for per-channel scales."
             )
         if not isinstance(self.symmetric, bool):
-            raise ValueError(f"symmetric={self.symmetric!r}{at} must be True or False.")
-        if self.scale_dtype not in SCALE_DTYPES:
-            raise ValueError(f"scale_dtype={self.scale_dtype!r}{at} is not supported; use one of {SCALE_DTYPES}.")
-        if self.clip not in CLIP_MODES:
-            raise ValueError(f"clip={self.clip!r}{at} is not supported; use one of {CLIP_MODES}.")
-        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) or not 0 <= self.sparsity < 1:
+            raise TypeError(f"symmetric={self.symmetric!r}{at} must be True or False, not {type(self.symmetric).__name__}.")
+        for name, allowed in (("scale_dtype", SCALE_DTYPES), ("clip", CLIP_MODES), ("sparsity_structure", None)):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise TypeError(f"{name}={value!r}{at} must be a string, not {type(value).__name__}.")
+            if allowed is not None and value not in allowed:
+                raise ValueError(f"{name}={value!r}{at} is not supported; use one of {allowed}.")
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
+            raise TypeError(f"sparsity={self.sparsity!r}{at} must be a number in [0, 1), not {type(self.sparsity).__name__}.")
+        if not 0 <= self.sparsity < 1:  # also refuses NaN
             raise ValueError(f"sparsity={self.sparsity!r}{at} must be a number in [0, 1), e.g. 0.5.")
         if self.sparsity_structure != "unstructured":
             n, m = parse_nm(self.sparsity_structure, where)
@@ -115,4 +127,6 @@ def parse_nm(structure: str, where: str = "") -> tuple[int, int]:
             f"sparsity_structure={structure!r}{at} needs 0 <= N < M and N >= 1 (keep N of every M consecutive "
             "weights), e.g. '2:4'."
         )
+    if m > MAX_NM_M:
+        raise ValueError(f"sparsity_structure={structure!r}{at} has M={m}; hfcompress supports M <= {MAX_NM_M} (e.g. '2:4', '4:8').")
     return n, m

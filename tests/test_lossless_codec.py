@@ -187,7 +187,7 @@ def test_damage_messages_name_the_tensor_and_the_fix(payload_and_tensor):
         decode_tensor(bad)
     bad = payload.clone()
     bad[4] = 9
-    with pytest.raises(LosslessFormatError, match="version 9 is not supported.*upgrade"):
+    with pytest.raises(LosslessFormatError, match="'version' is 9, not supported.*upgrade"):
         decode_tensor(bad)
 
 

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import hfcompress  # noqa: F401  (registers the quantizer)
 from hfcompress import HfCompressConfig, compressed_modules
+from hfcompress.integrity import IntegrityError
 from hfcompress.lossless import LosslessFormatError
 from hfcompress.lossless.lazy import deferred, materialize
 
@@ -202,8 +203,11 @@ def test_bad_payload_is_refused_at_load_in_deferred_modes(lossless_dir, tmp_path
     tensors[key][-7] ^= 0x10  # in the data of the last chunk: only a checksum of the stored bytes sees it
     save_file(tensors, file, metadata=meta)
     for mode in MODES:
-        with pytest.raises(LosslessFormatError, match=rf"{key}: chunk \d+ .* fails its checksum"):
+        with pytest.raises(IntegrityError, match=rf"{key}' fails its checksum"):  # the file-level checksum, first
             load(path, mode)
+        # behind it, the payload's own chunk checksums refuse it too
+        with pytest.raises(LosslessFormatError, match=rf"{key}: chunk \d+ .* fails its checksum"):
+            load(path, quantization_config=HfCompressConfig.loading(lossless_decode=mode, verify_checksums=False))
 
 
 def test_lazy_model_saves_over_its_own_checkpoint(lossless_dir, eager, tmp_path):

@@ -15,6 +15,7 @@ import hfcompress
 from hfcompress import HfCompressConfig, compressed_modules
 from hfcompress.convert import convert_checkpoint, main as convert_main
 from hfcompress.formats.lossless import LOSSLESS_SUFFIX, lossless_files_summary
+from hfcompress.integrity import IntegrityError
 from hfcompress.lossless import LosslessFormatError
 from hfcompress.models import tiny_llama, tiny_vit
 
@@ -51,7 +52,7 @@ def test_config_shortest_forms():
     assert HfCompressConfig.from_dict({"quant_method": "hfcompress", "bits": 4}).lossless is False  # older configs
     with pytest.raises(ValueError, match="compress nothing.*lossless=True"):
         HfCompressConfig()
-    with pytest.raises(ValueError, match="lossless='yes' must be True or False"):
+    with pytest.raises(TypeError, match="lossless='yes' must be True or False"):
         HfCompressConfig(lossless="yes")
 
 
@@ -138,13 +139,18 @@ def test_vision_model_round_trip(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ damaged files
-def _rewrite(folder, fn):
+def _rewrite(folder, fn, keep_metadata=True):
     path = os.path.join(folder, "model.safetensors")
     tensors = load_file(path)
     with safe_open(path, "pt") as f:
         meta = f.metadata()
     fn(tensors)
-    save_file(tensors, path, metadata=meta)
+    save_file(tensors, path, metadata=meta if keep_metadata else {k: v for k, v in meta.items() if not k.startswith("hfcompress_c")})
+
+
+def unverified(mode: str = "load") -> HfCompressConfig:
+    """Loading options that skip the file-level checksums, to reach the payloads' own checks behind them."""
+    return HfCompressConfig.loading(lossless_decode=mode, verify_checksums=False)
 
 
 @pytest.fixture()
@@ -164,9 +170,11 @@ def test_corrupt_payload_is_refused(damaged_dir):
         t[key][t[key].numel() // 2] ^= 0x40
 
     _rewrite(damaged_dir, flip)
+    with pytest.raises(IntegrityError, match=rf"{key}' fails its checksum"):
+        AutoModelForCausalLM.from_pretrained(damaged_dir)
     # Not transformers' generic conversion error: one error naming the tensor, the damage and the fix.
     for mode in ("load", "lazy", "first_forward"):
-        cfg = HfCompressConfig(lossless=True, lossless_decode=mode)
+        cfg = unverified(mode)
         with pytest.raises(LosslessFormatError) as info:
             AutoModelForCausalLM.from_pretrained(damaged_dir, quantization_config=cfg)
         msg = str(info.value)
@@ -187,8 +195,10 @@ def test_corrupt_payload_error_names_tensor(lossless_dir):
 def test_truncated_payload_is_refused(damaged_dir):
     key = "model.embed_tokens.weight" + LOSSLESS_SUFFIX
     _rewrite(damaged_dir, lambda t: t.__setitem__(key, t[key][:-100].clone()))
+    with pytest.raises(IntegrityError, match=rf"{key}' is stored as U8 \[43317\] but was written as U8 \[43417\]"):
+        AutoModelForCausalLM.from_pretrained(damaged_dir)
     for mode in ("load", "lazy"):
-        cfg = HfCompressConfig(lossless=True, lossless_decode=mode)
+        cfg = unverified(mode)
         with pytest.raises(LosslessFormatError, match=rf"are damaged .*{key}.*is truncated .*force_download=True"):
             AutoModelForCausalLM.from_pretrained(damaged_dir, quantization_config=cfg)
 
@@ -202,8 +212,10 @@ def test_every_damaged_tensor_is_named(damaged_dir):
             t[k][-1] ^= 0x01
 
     _rewrite(damaged_dir, flip)
-    with pytest.raises(LosslessFormatError, match=rf"2 lossless tensor\(s\) .*: {keys[0]}, {keys[1]}\. First error"):
+    with pytest.raises(IntegrityError, match=rf"{keys[0]}' fails its checksum"):
         AutoModelForCausalLM.from_pretrained(damaged_dir)
+    with pytest.raises(LosslessFormatError, match=rf"2 lossless tensor\(s\) .*: {keys[0]}, {keys[1]}\. First error"):
+        AutoModelForCausalLM.from_pretrained(damaged_dir, quantization_config=unverified())
 
 
 def test_truncated_file_is_refused(damaged_dir):
@@ -216,14 +228,16 @@ def test_truncated_file_is_refused(damaged_dir):
 def test_payload_that_is_not_uint8_is_a_clear_error(damaged_dir):
     key = "model.embed_tokens.weight" + LOSSLESS_SUFFIX
     _rewrite(damaged_dir, lambda t: t.__setitem__(key, torch.zeros(4, 4)))
-    with pytest.raises(ValueError, match="not a 1-D uint8 lossless payload"):
+    with pytest.raises(IntegrityError, match="stored as F32 \\[4, 4\\] but was written as U8"):
         AutoModelForCausalLM.from_pretrained(damaged_dir)
+    with pytest.raises(ValueError, match="not a 1-D uint8 lossless payload"):
+        AutoModelForCausalLM.from_pretrained(damaged_dir, quantization_config=unverified())
 
 
 # ------------------------------------------------------------------------------------------ converter
 def test_streaming_converter_is_bit_exact(dense_dir, tmp_path):
     out = convert_checkpoint(dense_dir, tmp_path / "conv")
-    assert sorted(os.listdir(out)) == sorted(os.listdir(dense_dir))
+    assert sorted(os.listdir(out)) == sorted(os.listdir(dense_dir) + [".hfcompress-output.json"])
     tensors = stored(out)
     assert "model.embed_tokens.weight" + LOSSLESS_SUFFIX in tensors
     assert folder_bytes(out) < 0.72 * folder_bytes(dense_dir)
@@ -256,8 +270,10 @@ def test_converter_adds_lossless_to_an_hfcompress_checkpoint(dense_dir, tmp_path
 
 
 def test_converter_refuses_bad_input_and_leaves_nothing(dense_dir, tmp_path):
+    with pytest.raises(ValueError, match="contains the input"):
+        convert_checkpoint(dense_dir, dense_dir.parent, overwrite=True)
     with pytest.raises(FileExistsError, match="overwrite"):
-        convert_checkpoint(dense_dir, dense_dir.parent)
+        convert_checkpoint(dense_dir, tmp_path)
     with pytest.raises(ValueError, match="dtype='int8'"):
         convert_checkpoint(dense_dir, tmp_path / "x", dtype="int8")
     with pytest.raises(FileNotFoundError, match="config.json"):
@@ -308,5 +324,8 @@ def test_payloads_without_lossless_in_config_are_refused(damaged_dir):
     config["quantization_config"]["bits"] = 4
     config["quantization_config"]["lossless"] = False
     path.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="lossless payloads .* lossless=False"):
+    with pytest.raises(IntegrityError, match="lossless: weights written with True, config.json says False"):
         AutoModelForCausalLM.from_pretrained(damaged_dir)
+    _rewrite(damaged_dir, lambda t: None, keep_metadata=False)  # no stamp left: the payloads themselves refuse it
+    with pytest.raises(ValueError, match="lossless payloads .* lossless=False"):
+        AutoModelForCausalLM.from_pretrained(damaged_dir, quantization_config=HfCompressConfig.loading(verify_checksums=False))

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoModelForImageClassification
 
 import hfcompress
 from hfcompress import CompressedConv2d, CompressedEmbedding, CompressedLinear, HfCompressConfig, compressed_modules
+from hfcompress.integrity import IntegrityError
 from hfcompress.models import tiny_llama, tiny_resnet, tiny_vit
 
 
@@ -166,17 +167,25 @@ def quantized_dir(llama_dir, tmp_path):
     return _saved(q, tmp_path / "q")
 
 
-def _rewrite(folder, fn):
+def _rewrite(folder, fn, keep_metadata=True):
+    """Edit the tensors of a saved checkpoint (keeping its hfcompress metadata, so the checksums catch the edit)."""
     path = os.path.join(folder, "model.safetensors")
+    with safe_open(path, "pt") as f:
+        metadata = f.metadata()
     tensors = load_file(path)
     fn(tensors)
-    save_file(tensors, path, metadata={"format": "pt"})
+    save_file(tensors, path, metadata=metadata if keep_metadata else {"format": "pt"})
+
+
+UNVERIFIED = HfCompressConfig.loading(verify_checksums=False)  # reach the structural checks behind the checksums
 
 
 def test_missing_packed_tensor_is_a_clear_error(quantized_dir):
     _rewrite(quantized_dir, lambda t: t.pop("model.layers.1.mlp.up_proj.weight_packed"))
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight_packed.*missing"):
         AutoModelForCausalLM.from_pretrained(quantized_dir)
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight_packed.*missing"):
+        AutoModelForCausalLM.from_pretrained(quantized_dir, quantization_config=UNVERIFIED)
 
 
 def test_wrong_shape_is_a_clear_error(quantized_dir):
@@ -184,8 +193,10 @@ def test_wrong_shape_is_a_clear_error(quantized_dir):
         t["model.layers.0.self_attn.q_proj.weight_scale"] = t["model.layers.0.self_attn.q_proj.weight_scale"][:, :2].clone()
 
     _rewrite(quantized_dir, shrink)
-    with pytest.raises(ValueError, match=r"q_proj\.weight_scale.*shape"):
+    with pytest.raises(IntegrityError, match=r"q_proj\.weight_scale.*stored as F16 \[96, 2\] but was written as F16 \[96, 3\]"):
         AutoModelForCausalLM.from_pretrained(quantized_dir)
+    with pytest.raises(ValueError, match=r"q_proj\.weight_scale.*shape"):
+        AutoModelForCausalLM.from_pretrained(quantized_dir, quantization_config=UNVERIFIED)
 
 
 def test_wrong_dtype_is_a_clear_error(quantized_dir):
@@ -193,8 +204,10 @@ def test_wrong_dtype_is_a_clear_error(quantized_dir):
         t["model.layers.0.self_attn.q_proj.weight_scale"] = t["model.layers.0.self_attn.q_proj.weight_scale"].float()
 
     _rewrite(quantized_dir, retype)
-    with pytest.raises(ValueError, match=r"q_proj\.weight_scale.*dtype"):
+    with pytest.raises(IntegrityError, match=r"q_proj\.weight_scale.*stored as F32"):
         AutoModelForCausalLM.from_pretrained(quantized_dir)
+    with pytest.raises(ValueError, match=r"q_proj\.weight_scale.*dtype"):
+        AutoModelForCausalLM.from_pretrained(quantized_dir, quantization_config=UNVERIFIED)
 
 
 def test_truncated_file_is_a_clear_error(quantized_dir):
@@ -211,8 +224,12 @@ def test_config_of_another_model_is_a_clear_error(quantized_dir):
     cfg = json.load(open(cfg_path))
     cfg["quantization_config"]["group_size"] = 16
     json.dump(cfg, open(cfg_path, "w"))
-    with pytest.raises(ValueError, match="weight_scale.*shape"):
+    with pytest.raises(IntegrityError, match="group_size: weights written with 32, config.json says 16"):
         AutoModelForCausalLM.from_pretrained(quantized_dir)
+    # without the recorded stamp (metadata stripped, verification off) the tensor shapes still refuse it
+    _rewrite(quantized_dir, lambda t: None, keep_metadata=False)
+    with pytest.raises(ValueError, match="weight_scale.*shape"):
+        AutoModelForCausalLM.from_pretrained(quantized_dir, quantization_config=UNVERIFIED)
 
 
 def test_bad_config_leaves_source_untouched(llama_dir):

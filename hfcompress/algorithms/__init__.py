@@ -16,7 +16,12 @@ Calibrated methods set ``data_free=False`` and provide
   that read the same input (q/k/v projections), so a method must not modify them in place;
 * ``spec``: the :class:`~hfcompress.spec.LayerSpec` of this module (a per-layer override may differ from
   the config's defaults, e.g. OWL's non-uniform sparsity);
-* ``method_args``: ``config.method_args`` (a dict; unknown keys should raise a ``ValueError``).
+* ``method_args``: ``config.method_args`` (a dict).
+
+Every method validates its ``method_args`` when the config is built: ``Method.check_args`` (``method_args ->
+None``, raising ``ValueError``/``TypeError`` naming the key) runs in ``HfCompressConfig.post_init``, so a typo
+fails before any model is touched. A method registered without ``check_args`` takes no arguments: any key is
+refused.
 
 The calibration pipeline (:mod:`hfcompress.calibration.pipeline`) collects the statistics block by
 block, calls ``compress_layer`` for each targeted module and installs the result. A method that also
@@ -56,6 +61,19 @@ class Method:
     compress_layer: Callable[[torch.Tensor, "LayerStats", LayerSpec, dict[str, Any]], CompressedWeight] | None = None
     #: calibrated methods with block-output scale tuning: ``method_args -> BlockTuneOptions`` (validating them)
     tune_options: Callable[[dict[str, Any]], Any] | None = None
+    #: ``method_args -> None``: raises ``ValueError``/``TypeError`` for an unknown key or a bad value; ``None``: the
+    #: method takes no arguments
+    check_args: Callable[[dict[str, Any]], Any] | None = None
+
+    def validate(self, method_args: dict[str, Any]) -> None:
+        """Refuse unknown or badly valued ``method_args`` (called when a config is built)."""
+        if self.check_args is not None:
+            self.check_args(method_args)
+        elif method_args:
+            raise ValueError(
+                f"method={self.name!r} takes no method_args, got {sorted(method_args)}; remove them "
+                "(see the method's documentation for what it accepts)."
+            )
 
 
 _METHODS: dict[str, Method] = {}

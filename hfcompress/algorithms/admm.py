@@ -57,5 +57,6 @@ register_method(
         "unstructured or N:M; jointly quantized with a GPTQ pass on the final mask when bits is set.",
         needs=frozenset({"hessian"}),
         compress_layer=admm_compress_layer,
+        check_args=lambda args: method_options("admm", args, DEFAULTS),
     )
 )

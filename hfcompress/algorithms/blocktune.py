@@ -64,5 +64,6 @@ register_method(
         needs=frozenset({"hessian"}),
         compress_layer=blocktune_compress_layer,
         tune_options=blocktune_options,
+        check_args=blocktune_options,
     )
 )

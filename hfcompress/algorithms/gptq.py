@@ -292,5 +292,6 @@ register_method(
         description="GPTQ: Hessian-based error-compensating quantization (act-order, static groups, lazy blocks).",
         needs=frozenset({"hessian"}),
         compress_layer=gptq_compress_layer,
+        check_args=lambda args: check_method_args("gptq", args, GPTQ_DEFAULTS),
     )
 )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..formats.base import CompressedWeight
-from ..sparsity.prune import mask_for_spec, masked_weight
+from ..sparsity.prune import mask_for_spec, masked_weight, method_options
 from ..spec import LayerSpec
 from . import Method, register_method
 
@@ -33,5 +33,6 @@ register_method(
         description="Magnitude pruning (layer-wise; global/LAMP through allocation), unstructured or N:M, "
         "optionally followed by RTN; needs no data, runs during from_pretrained.",
         compress=magnitude_compress,
+        check_args=lambda args: method_options("magnitude", args, {}),
     )
 )

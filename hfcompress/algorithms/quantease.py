@@ -127,14 +127,21 @@ def refine_quantization(
     return QuantizedWeight(codes=out_codes, scale=scale, zero=q.zero, bits=bits, group_size=gs)
 
 
-def quantease_compress_layer(weight: torch.Tensor, stats, spec: LayerSpec, method_args: dict[str, Any]) -> CompressedWeight:
-    """``compress_layer`` of method ``"quantease"`` (see :mod:`hfcompress.algorithms`)."""
-    args = check_method_args("quantease", method_args, QUANTEASE_DEFAULTS)
-    sweeps, cd_damp = args.pop("sweeps"), args.pop("cd_damp")
+def quantease_args(method_args: dict[str, Any], method: str = "quantease") -> dict[str, Any]:
+    """QuantEase's ``method_args`` with defaults filled in; unknown keys and bad values raise ``ValueError``."""
+    args = check_method_args(method, method_args, QUANTEASE_DEFAULTS)
+    sweeps, cd_damp = args["sweeps"], args["cd_damp"]
     if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0:
         raise ValueError(f"method_args sweeps={sweeps!r} must be a non-negative integer, e.g. 5.")
-    if isinstance(cd_damp, bool) or not isinstance(cd_damp, (int, float)) or cd_damp < 0:
-        raise ValueError(f"method_args cd_damp={cd_damp!r} must be a non-negative number, e.g. 0.0.")
+    if isinstance(cd_damp, bool) or not isinstance(cd_damp, (int, float)) or not cd_damp >= 0 or cd_damp == float("inf"):
+        raise ValueError(f"method_args cd_damp={cd_damp!r} must be a non-negative finite number, e.g. 0.0.")
+    return args
+
+
+def quantease_compress_layer(weight: torch.Tensor, stats, spec: LayerSpec, method_args: dict[str, Any]) -> CompressedWeight:
+    """``compress_layer`` of method ``"quantease"`` (see :mod:`hfcompress.algorithms`)."""
+    args = quantease_args(method_args)
+    sweeps, cd_damp = args.pop("sweeps"), args.pop("cd_damp")
     if stats.hessian is None:
         raise ValueError("method='quantease' needs the input Hessian; the calibration pipeline did not provide it.")
     start = gptq_quantize(weight, stats.hessian, spec, **args)
@@ -161,5 +168,6 @@ register_method(
         description="GPTQ followed by coordinate descent on codes and scales of the layer output error (lower error, slower).",
         needs=frozenset({"hessian"}),
         compress_layer=quantease_compress_layer,
+        check_args=quantease_args,
     )
 )

@@ -166,5 +166,6 @@ register_method(
         "N:M, jointly quantized when bits is set; optional ADMM refinement of the weights (refine_iters).",
         needs=frozenset({"hessian"}),
         compress_layer=sparsegpt_compress_layer,
+        check_args=lambda args: method_options("sparsegpt", args, DEFAULTS),
     )
 )

@@ -47,5 +47,6 @@ register_method(
         "no weight update; RTN on the kept weights when bits is set.",
         needs=frozenset({"act_sq"}),
         compress_layer=wanda_compress_layer,
+        check_args=lambda args: method_options("wanda", args, {}),
     )
 )

@@ -349,14 +349,15 @@ def _stages(
     blocks_in: BlockInputs, block: nn.Module, index: int, names: list[str], prefix: str
 ) -> list[list[str]]:
     """Targeted modules of a block grouped by shared input, in the order the block calls them."""
-    order: list[tuple[str, int]] = []
+    # The inputs themselves are kept (not their id()): a freed tensor's address can be reused by the next
+    # one, which made unrelated modules look like they shared an input (o_proj grouped with gate/up) at random.
+    order: list[tuple[str, object]] = []
     modules = {n: block.get_submodule(n[len(prefix) :]) for n in names}
     handles = []
     for name, module in modules.items():
 
         def hook(mod, args, _name=name):
-            x = args[0] if args else None
-            order.append((_name, id(x)))
+            order.append((_name, args[0] if args else None))
 
         handles.append(module.register_forward_pre_hook(hook))
     try:
@@ -367,15 +368,16 @@ def _stages(
     stages: list[list[str]] = []
     seen: set[str] = set()
     last_input = None
-    for name, input_id in order:
+    for name, x in order:
         if name in seen:
             continue
         seen.add(name)
-        if stages and input_id == last_input:
+        if stages and x is not None and x is last_input:
             stages[-1].append(name)
         else:
             stages.append([name])
-        last_input = input_id
+        last_input = x
+    del order, last_input
     missing = [n for n in names if n not in seen]
     if missing:
         stages.append(missing)  # never called: compressed with identity statistics

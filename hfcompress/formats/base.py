@@ -70,7 +70,15 @@ class WeightFormat(ABC):
         )
 
 
-def check_tensors(found: dict[str, TensorSpec], expected: dict[str, TensorSpec], where: str, fmt: str) -> None:
+def check_tensors(
+    found: dict[str, TensorSpec], expected: dict[str, TensorSpec], where: str, fmt: str, max_numel: int | None = None
+) -> None:
+    """Raise a clear error unless ``found`` holds every ``expected`` tensor with its dtype and shape.
+
+    Dimensions the format leaves open (``None``: sizes that depend on the data, such as the kept values of a
+    sparse weight) are bounded by ``max_numel`` (the dense weight's element count): a compressed tensor is never
+    larger than the weight it encodes, so a crafted header cannot make the loader allocate more.
+    """
     for name, (shape, dtype) in expected.items():
         key = f"{where}.{name}" if where else name
         if name not in found:
@@ -87,4 +95,12 @@ def check_tensors(found: dict[str, TensorSpec], expected: dict[str, TensorSpec],
             raise ValueError(
                 f"Compressed tensor {key!r} has shape {tuple(got_shape)}, expected {tuple(shape)} for format {fmt!r} "
                 "with this model's config; the checkpoint does not belong to this model or its quantization_config."
+            )
+        numel = 1
+        for g in got_shape:
+            numel *= g
+        if max_numel is not None and None in shape and numel > max_numel:
+            raise ValueError(
+                f"Compressed tensor {key!r} has shape {tuple(got_shape)}: more elements than the {max_numel} of the "
+                f"weight it encodes (format {fmt!r}); the checkpoint is damaged or crafted."
             )

@@ -15,13 +15,12 @@ smaller. Tied weights are stored once, as usual, and tie again on load.
 from __future__ import annotations
 
 import os
-import struct
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from ..checkpoint import TensorIndex, read_header
+from ..checkpoint import TensorIndex, data_start, read_header, shard_paths
 from ..lossless import codec, planes
 
 #: suffix of the stored name of a coded tensor (a reserved ending: no model tensor may end with it)
@@ -103,13 +102,7 @@ def decode_state_dict(state_dict: dict[str, torch.Tensor], threads: int | None =
 
 
 # ------------------------------------------------------------------------------------------- checkpoint files
-def _data_start(path: str) -> int:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-    return 8 + n
-
-
-def peek_payload(path: str | os.PathLike, name: str, info: dict, data_start: int | None = None) -> tuple[tuple[int, ...], torch.dtype]:
+def peek_payload(path: str | os.PathLike, name: str, info: dict, start: int | None = None) -> tuple[tuple[int, ...], torch.dtype]:
     """Shape and dtype of the tensor a stored payload decodes to, reading only its first bytes."""
     path = os.fspath(path)
     if info.get("dtype") != "U8" or len(info.get("shape", ())) != 1:
@@ -117,12 +110,12 @@ def peek_payload(path: str | os.PathLike, name: str, info: dict, data_start: int
             f"Tensor {name!r} in {path} ends with {LOSSLESS_SUFFIX!r} but is {info.get('dtype')} of shape "
             f"{info.get('shape')}, not a 1-D uint8 lossless payload; the file was not written by hfcompress."
         )
-    start = (_data_start(path) if data_start is None else data_start) + info["data_offsets"][0]
+    start = (data_start(path) if start is None else start) + info["data_offsets"][0]
     size = info["data_offsets"][1] - info["data_offsets"][0]
     with open(path, "rb") as f:
         f.seek(start)
         first = f.read(min(size, 8))
-        need = codec.header_prefix_size(first) if len(first) >= 8 else 8
+        need = codec.header_prefix_size(first, where=f"{name} in {path}") if len(first) >= 8 else 8
         f.seek(start)
         prefix = f.read(min(size, need))
     dtype, shape = codec.peek_dtype_shape(prefix, where=f"{name} in {path}")
@@ -155,7 +148,7 @@ def resolve_index(index: TensorIndex, files: Iterable[str] | None, lossless: boo
                 continue
             if header is None:
                 header = read_header(path)
-                start = _data_start(path)
+                start = data_start(path)
             if stored not in header:
                 continue
             index.tensors[orig] = peek_payload(path, stored, header[stored], start)
@@ -165,14 +158,11 @@ def resolve_index(index: TensorIndex, files: Iterable[str] | None, lossless: boo
 
 def lossless_files_summary(folder: str | os.PathLike) -> dict:
     """Counts and bytes of coded and plain tensors in a checkpoint folder (for reports and tests)."""
-    folder = os.fspath(folder)
     coded = plain = coded_bytes = plain_bytes = decoded_bytes = 0
-    for fname in sorted(os.listdir(folder)):
-        if not fname.endswith(".safetensors"):
-            continue
-        path = os.path.join(folder, fname)
+    for path in shard_paths(folder):
+        path = os.fspath(path)
         header = read_header(path)
-        start = _data_start(path)
+        start = data_start(path)
         for name, info in header.items():
             if name == "__metadata__":
                 continue

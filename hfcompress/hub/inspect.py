@@ -22,29 +22,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import SAFETENSORS_DTYPES, read_header, read_tensor_index
+from ..checkpoint import SAFETENSORS_DTYPES, read_header, read_index, read_tensor_index, shard_paths
 from ..config import QUANT_METHOD, HfCompressConfig
 
 __all__ = ["checkpoint_files", "inspect_checkpoint", "layer_groups", "load_saved_config"]
 
-_INDEX = "model.safetensors.index.json"
-
-
 def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
-    """The safetensors files of a checkpoint folder (the shards its index names, else ``*.safetensors``)."""
-    folder = Path(folder)
-    index = folder / _INDEX
-    if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        files = [folder / name for name in sorted(set(weight_map.values()))]
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise FileNotFoundError(f"{index} names shard(s) that are missing: {missing}.")
-        return files
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{folder} holds no .safetensors weights; is it a folder written by save_pretrained?")
-    return files
+    """The safetensors files of a checkpoint folder, validated (see :func:`hfcompress.checkpoint.shard_names`)."""
+    return shard_paths(folder)
 
 
 def load_saved_config(folder: str | os.PathLike):
@@ -128,7 +113,7 @@ def inspect_checkpoint(folder: str | os.PathLike, measure: bool = False, show_pr
     qconfig = _hfcompress_config(model_config)
     # Tensor names as the model sees them (lossless payloads resolved to the shape/dtype they decode to).
     stored_of = {lossless_format.original_key(k) or k: k for k in stored_bytes}
-    index = read_tensor_index([str(f) for f in files])
+    index = read_tensor_index([str(f) for f in files], read_index(folder))
     index = lossless_format.resolve_index(index, [str(f) for f in files], bool(getattr(qconfig, "lossless", False)))
     report: dict[str, Any] = {
         "folder": str(folder),

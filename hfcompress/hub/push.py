@@ -12,13 +12,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import types
 from pathlib import Path
 from typing import Any
 
 from ..config import HfCompressConfig
+from ..outputs import OutputFolder, copy_contained
 
 __all__ = ["copy_companion_files", "enable_push_with_card", "push_to_hub", "save_compressed"]
 
@@ -41,24 +41,12 @@ def copy_companion_files(source: str | os.PathLike, dest: str | os.PathLike) -> 
     """Copy a model folder's tokenizer, processor and other companion files (not weights or config).
 
     Keeps sub-folders such as sentence-transformers' ``1_Pooling``; skips weight files, ``config.json``,
-    ``generation_config.json``, the card, hidden files and anything ``dest`` already has.
+    ``generation_config.json``, the card, hidden files, symbolic links that leave ``source``, and anything
+    ``dest`` already has.
     Returns the copied paths relative to ``dest``.
     """
-    source, dest = Path(source), Path(dest)
-    copied = []
-    for path in sorted(source.rglob("*")):
-        rel = path.relative_to(source)
-        if not path.is_file() or any(part.startswith(".") for part in rel.parts):
-            continue
-        if path.suffix in _WEIGHT_SUFFIXES or path.name.endswith(".index.json") or (len(rel.parts) == 1 and rel.name in _OWN_FILES):
-            continue
-        target = dest / rel
-        if target.exists():
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, target)
-        copied.append(rel.as_posix())
-    return copied
+    skip_suffixes = _WEIGHT_SUFFIXES + (".index.json",)
+    return copy_contained(Path(source), Path(dest), skip=_OWN_FILES, skip_suffixes=skip_suffixes)
 
 
 def _card_kwargs(**kwargs: Any) -> dict[str, Any]:
@@ -101,13 +89,11 @@ def save_compressed(
 
     config = _compressed_config(model)
     folder = Path(folder)
-    if folder.exists() and not overwrite:
-        raise FileExistsError(f"{folder} already exists; choose another output folder or pass overwrite=True (CLI: --overwrite).")
     if companions_from is not None and not Path(companions_from).is_dir():
         raise FileNotFoundError(f"companions_from={str(companions_from)!r} is not a folder.")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    source = getattr(model, "name_or_path", None)
+    sources = [companions_from] + ([source] if source and os.path.isdir(source) else [])
+    with OutputFolder(folder, sources=sources, overwrite=overwrite, kind="checkpoint", what="folder") as tmp:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -120,27 +106,7 @@ def save_compressed(
                                     repo_id=repo_id, eval_results=eval_results, tags=tags, command=command),
             )  # fmt: skip
             save_card(rendered, tmp)
-        _swap_into_place(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
-
-
-def _swap_into_place(tmp: Path, folder: Path) -> None:
-    """Rename ``tmp`` to ``folder``; an existing ``folder`` is moved aside first and removed after."""
-    if not folder.exists():
-        os.replace(tmp, folder)
-        return
-    backup = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-    os.rmdir(backup)
-    os.replace(folder, backup)
-    try:
-        os.replace(tmp, folder)
-    except BaseException:
-        os.replace(backup, folder)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
 
 
 def _stage_with_card(folder: Path, card_text: str, stage: Path) -> None:

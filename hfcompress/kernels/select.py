@@ -161,12 +161,12 @@ def _install(module: nn.Module, prepared: Prepared) -> None:
 # ----------------------------------------------------------------------------------------------- hot path
 def dispatch(module: nn.Module, x: torch.Tensor) -> Prepared | None:
     """The prepared path for this call (preparing it on first use), or ``None`` to run the reference code."""
+    if "dequantize_weight" in module.__dict__:  # someone controls decoding (e.g. the calibration pipeline):
+        return None  # the reference arithmetic, and nothing prepared (no kernel layout built or released)
     state = module.__dict__.get("_inference_state")
     if state is None or state.device != x.device:
         state = _lazy_prepare(module, x)
     if state is None or state.is_reference:
-        return None
-    if "dequantize_weight" in module.__dict__:  # someone controls decoding (e.g. the calibration pipeline)
         return None
     if not state.differentiable and x.requires_grad and torch.is_grad_enabled():
         return None

@@ -48,6 +48,9 @@ VERSION = 1
 #: default elements per chunk: 256 Ki elements (512 KiB of bfloat16), small enough to spread a layer over threads
 DEFAULT_CHUNK_ELEMS = 1 << 18
 _MAX_CHUNK_ELEMS = 1 << 30
+#: bounds on what a header may declare (checked before anything is allocated)
+MAX_NDIM = 32
+MAX_NUMEL = 1 << 48
 _FIXED = struct.Struct("<4sBBBB")
 
 
@@ -187,55 +190,74 @@ def _as_bytes(payload) -> memoryview:
     return memoryview(payload).cast("B")
 
 
-def header_prefix_size(first: bytes) -> int:
+def header_prefix_size(first: bytes, where: str = "payload") -> int:
     """Bytes needed to read dtype and shape, given at least the first 8 bytes of a payload."""
-    _check_fixed(first, "payload")
+    _check_fixed(first, where)
     return _FIXED.size + 8 * first[7]
 
 
 def _check_fixed(buf, where: str) -> None:
     if len(buf) < _FIXED.size:
         raise LosslessFormatError(f"{where}: lossless payload is truncated ({len(buf)} bytes, no header).")
-    magic, version, dtype_code, layout, _ = _FIXED.unpack_from(buf, 0)
+    magic, version, dtype_code, layout, ndim = _FIXED.unpack_from(buf, 0)
     if magic != MAGIC:
-        raise LosslessFormatError(f"{where}: not a lossless payload (magic {bytes(magic)!r}, expected {MAGIC!r}).")
+        raise LosslessFormatError(f"{where}: not a lossless payload (field 'magic' is {bytes(magic)!r}, expected {MAGIC!r}).")
     if version != VERSION:
         raise LosslessFormatError(
-            f"{where}: lossless payload version {version} is not supported by this hfcompress (reads version "
+            f"{where}: lossless payload field 'version' is {version}, not supported by this hfcompress (reads version "
             f"{VERSION}); upgrade hfcompress."
         )
     if dtype_code not in planes.CODE_DTYPES:
-        raise LosslessFormatError(f"{where}: lossless payload has unknown dtype code {dtype_code}.")
+        raise LosslessFormatError(f"{where}: lossless payload field 'dtype' has unknown code {dtype_code}.")
+    if ndim > MAX_NDIM:
+        raise LosslessFormatError(f"{where}: lossless payload field 'ndim' is {ndim}; at most {MAX_NDIM} dimensions are supported.")
 
 
 def peek_dtype_shape(prefix: bytes, where: str = "payload") -> tuple[torch.dtype, tuple[int, ...]]:
-    """dtype and shape from the first :func:`header_prefix_size` bytes of a payload."""
+    """dtype and shape from the first :func:`header_prefix_size` bytes of a payload (every field checked)."""
     _check_fixed(prefix, where)
     ndim = prefix[7]
     need = _FIXED.size + 8 * ndim
     if len(prefix) < need:
-        raise LosslessFormatError(f"{where}: lossless payload is truncated inside its header.")
-    shape = struct.unpack_from(f"<{ndim}Q", prefix, _FIXED.size)
-    return planes.CODE_DTYPES[prefix[5]], tuple(int(s) for s in shape)
+        raise LosslessFormatError(f"{where}: lossless payload is truncated inside its header (field 'shape').")
+    shape = tuple(int(s) for s in struct.unpack_from(f"<{ndim}Q", prefix, _FIXED.size))
+    numel = 1
+    for dim in shape:
+        numel *= dim
+        if numel > MAX_NUMEL:
+            raise LosslessFormatError(
+                f"{where}: lossless payload field 'shape'={list(shape)} declares more than {MAX_NUMEL} elements; the "
+                "header is damaged."
+            )
+    return planes.CODE_DTYPES[prefix[5]], shape
 
 
 def read_info(payload, where: str = "payload") -> PayloadInfo:
-    """Parse and verify (CRC) a payload header; raises :class:`LosslessFormatError` when damaged."""
+    """Parse and verify (CRC) a payload header; raises :class:`LosslessFormatError` naming the field when damaged.
+
+    Every count is bounded by the payload's own length before anything is allocated: the chunk table must fit
+    in the payload, the declared element count must match the chunk count, raw planes must store exactly
+    their bytes, and a DEFLATE plane cannot declare more output than :data:`coder.MAX_INFLATE_RATIO` times its
+    stored size.
+    """
     buf = _as_bytes(payload)
     dtype, shape = peek_dtype_shape(bytes(buf[: _FIXED.size + 8 * 255]), where)
     layout = buf[6]
     if layout != planes.layout_of(dtype):
-        raise LosslessFormatError(f"{where}: lossless payload layout {layout} does not match its dtype {dtype}.")
+        raise LosslessFormatError(f"{where}: lossless payload field 'layout' is {layout}, which does not match its dtype {dtype}.")
     pos = _FIXED.size + 8 * len(shape)
     try:
         chunk_elems, n_chunks, n_planes = struct.unpack_from("<QIB", buf, pos)
         pos += 13
-        n_widths = len(planes.plane_widths(dtype))
-        if n_planes != n_widths:
-            raise LosslessFormatError(f"{where}: lossless payload has {n_planes} planes, {dtype} needs {n_widths}.")
+        widths = planes.plane_widths(dtype)
+        if n_planes != len(widths):
+            raise LosslessFormatError(f"{where}: lossless payload field 'n_planes' is {n_planes}; {dtype} needs {len(widths)}.")
         rec = struct.Struct("<" + "BI" * n_planes + "II")
         if len(buf) < pos + n_chunks * rec.size + 4:
-            raise struct.error("header runs past the end")
+            raise LosslessFormatError(
+                f"{where}: lossless payload field 'n_chunks'={n_chunks} needs a chunk table longer than the payload "
+                f"({len(buf)} bytes); the payload is truncated or its header damaged."
+            )
         chunks = []
         for _ in range(n_chunks):
             vals = rec.unpack_from(buf, pos)
@@ -246,11 +268,33 @@ def read_info(payload, where: str = "payload") -> PayloadInfo:
     except struct.error:
         raise LosslessFormatError(f"{where}: lossless payload is truncated inside its header.") from None
     if coder.crc32(buf[:pos]) != crc:
-        raise LosslessFormatError(f"{where}: lossless payload header is corrupt (checksum mismatch).")
+        raise LosslessFormatError(f"{where}: lossless payload header is corrupt (field 'header_crc' does not match).")
     info = PayloadInfo(dtype, shape, layout, chunk_elems, tuple(chunks), pos + 4)
     numel = info.numel
-    if not 1 <= chunk_elems <= _MAX_CHUNK_ELEMS or n_chunks != (numel + chunk_elems - 1) // chunk_elems:
-        raise LosslessFormatError(f"{where}: lossless payload header is inconsistent ({n_chunks} chunks for {numel} elements).")
+    if not 1 <= chunk_elems <= _MAX_CHUNK_ELEMS:
+        raise LosslessFormatError(f"{where}: lossless payload field 'chunk_elems'={chunk_elems} is outside [1, {_MAX_CHUNK_ELEMS}].")
+    if n_chunks != (numel + chunk_elems - 1) // chunk_elems:
+        raise LosslessFormatError(
+            f"{where}: lossless payload field 'n_chunks'={n_chunks} is inconsistent with 'shape' ({numel} elements in "
+            f"chunks of {chunk_elems})."
+        )
+    start = 0
+    for i, record in enumerate(chunks):
+        count = min(chunk_elems, numel - start)
+        start += count
+        for plane, (method, size, width) in enumerate(zip(record.methods, record.sizes, widths)):
+            need = count * width
+            if method == coder.METHOD_RAW and size != need:
+                raise LosslessFormatError(
+                    f"{where}: chunk {i} plane {plane} is stored raw in {size} bytes but holds {need}; the header is damaged."
+                )
+            if method == coder.METHOD_DEFLATE and need > coder.MAX_INFLATE_RATIO * size + 64:
+                raise LosslessFormatError(
+                    f"{where}: chunk {i} plane {plane} declares {need} bytes from a {size}-byte DEFLATE stream, more "
+                    "than DEFLATE can expand to; the header is damaged or crafted."
+                )
+            if method not in (coder.METHOD_RAW, coder.METHOD_DEFLATE):
+                raise LosslessFormatError(f"{where}: chunk {i} plane {plane} has unknown coding method {method}.")
     if len(buf) != info.nbytes:
         what = "truncated" if len(buf) < info.nbytes else "longer than its header says"
         raise LosslessFormatError(

@@ -26,6 +26,9 @@ except ImportError:  # pragma: no cover - exercised only where isal has no wheel
 
 METHOD_RAW = 0
 METHOD_DEFLATE = 1
+#: DEFLATE's largest expansion: one stored byte decodes to at most ~1032 bytes (RFC 1951 length codes), so a
+#: header that declares more output than ``MAX_INFLATE_RATIO * stored bytes`` is refused before decoding
+MAX_INFLATE_RATIO = 1032
 #: a plane is entropy-coded only if that saves at least this fraction of its bytes
 MIN_SAVING = 0.03
 
@@ -68,18 +71,25 @@ def decode_plane(method: int, stored: memoryview, n: int) -> np.ndarray:
         return np.frombuffer(stored, dtype=np.uint8)
     if method != METHOD_DEFLATE:
         raise PlaneDecodeError(f"unknown plane coding method {method}")
+    # Never more than n + 1 bytes of output: a stream that would inflate further is refused without being
+    # inflated (no memory bomb), and one that ends early or goes on past its declared end is refused too.
     try:
         if _igzip is not None:
-            raw = _igzip.decompress(stored, flag=_igzip.DECOMP_DEFLATE, hist_bits=15, bufsize=max(n, 1))
+            d = _igzip.IgzipDecompressor(flag=_igzip.DECOMP_DEFLATE, hist_bits=15)
+            raw = d.decompress(stored, max_length=n + 1)
+            ended, rest = d.eof, len(d.unused_data)
         else:
             d = zlib.decompressobj(-15)
             raw = d.decompress(stored, n + 1)
-            if d.unconsumed_tail or not d.eof:
-                raise PlaneDecodeError("DEFLATE stream does not end where the header says")
+            ended, rest = d.eof, len(d.unconsumed_tail) + len(d.unused_data)
     except _INFLATE_ERRORS as exc:
         raise PlaneDecodeError(f"DEFLATE stream is corrupt ({exc})") from None
+    if len(raw) > n:
+        raise PlaneDecodeError(f"DEFLATE stream decodes to more than the {n} bytes the header declares")
     if len(raw) != n:
         raise PlaneDecodeError(f"DEFLATE stream decodes to {len(raw)} bytes, expected {n}")
+    if not ended or rest:
+        raise PlaneDecodeError("DEFLATE stream does not end where the header says")
     return np.frombuffer(raw, dtype=np.uint8)
 
 

@@ -20,7 +20,7 @@ import torch
 from transformers.core_model_loading import ConversionOps, WeightConverter
 
 from ..formats import lossless as fmt
-from .codec import LosslessFormatError, decode_tensor, verify_payload
+from .codec import LosslessFormatError, decode_tensor, read_info, verify_payload
 from .lazy import keep_coded, placeholder
 
 #: the loader pattern: a stored name ending with the suffix (it maps to the name without it)
@@ -84,6 +84,15 @@ class LosslessDecode(ConversionOps):
             except (AttributeError, KeyError):
                 ref = None
         try:
+            # the shape and dtype the payload declares are checked against the model before anything is decoded
+            declared = read_info(value, where=where)
+            if ref is not None and tuple(declared.shape) != tuple(ref.shape):
+                raise LosslessFormatError(
+                    f"{where}: the payload declares shape {list(declared.shape)} but the model's {full_name} has shape "
+                    f"{list(ref.shape)}; the checkpoint does not belong to this model."
+                )
+            if ref is not None and declared.dtype.is_floating_point != ref.is_floating_point():
+                raise LosslessFormatError(f"{where}: the payload holds {declared.dtype} but the model's {full_name} is {ref.dtype}.")
             if self.session is not None and self.session.mode != "load" and _deferrable(model, full_name):
                 info = verify_payload(value, where=where)
                 dtype = info.dtype

@@ -63,7 +63,10 @@ class CompressedModule(nn.Module):
         tensors = dict(tensors)
         tensors.setdefault("weight_shape", torch.tensor(self.dense_shape, dtype=torch.int64))
         self._inference_state = None  # a prepared path belongs to the tensors being replaced
-        check_tensors({k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}, self.expected_tensors(), where, self.format_name)
+        check_tensors(
+            {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}, self.expected_tensors(), where, self.format_name,
+            max_numel=math.prod(self.shape2d),
+        )
         for name in self._compressed_names:
             self._buffers.pop(name, None)
         self._parameters.pop("weight", None)
@@ -74,7 +77,7 @@ class CompressedModule(nn.Module):
     def init_empty(self, found: dict[str, TensorSpec], where: str = "", device: str | torch.device = "meta") -> None:
         """Create empty buffers with the shapes/dtypes ``found`` in a checkpoint header, after validating them."""
         found = {n: v for n, v in found.items() if n not in self._parameters}  # e.g. the bias is a plain parameter
-        check_tensors(found, self.expected_tensors(), where, self.format_name)
+        check_tensors(found, self.expected_tensors(), where, self.format_name, max_numel=math.prod(self.shape2d))
         self.set_compressed({n: torch.empty(s, dtype=d, device=device) for n, (s, d) in found.items()}, where)
 
     def await_dense_weight(self, dtype: torch.dtype, device: str | torch.device = "meta") -> None:

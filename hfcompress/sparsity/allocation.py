@@ -28,7 +28,7 @@ from torch import nn
 
 from ..spec import LayerSpec
 from .masks import check_sparsity
-from .prune import ALLOCATION_ARGS
+from .prune import ALLOCATION_ARGS, ALLOCATIONS, allocation_of
 
 __all__ = [
     "ALLOCATIONS",
@@ -40,23 +40,9 @@ __all__ = [
     "owl_sparsities",
 ]
 
-ALLOCATIONS = ("uniform", "global", "lamp", "owl")
 _BLOCK = re.compile(r"^(.*?\.\d+)\.")
 
 
-def allocation_of(method_args: dict | None) -> dict:
-    """The allocation settings of ``method_args`` (defaults filled in, validated)."""
-    args = {k: (method_args or {}).get(k, v) for k, v in ALLOCATION_ARGS.items()}
-    if args["allocation"] not in ALLOCATIONS:
-        raise ValueError(f"method_args['allocation']={args['allocation']!r} is not supported; use one of {ALLOCATIONS}.")
-    lam = args["owl_lambda"]
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 <= lam < 0.5:
-        raise ValueError(f"method_args['owl_lambda']={lam!r} must be a number in [0, 0.5), e.g. 0.08.")
-    thr = args["owl_threshold"]
-    if isinstance(thr, bool) or not isinstance(thr, (int, float)) or thr <= 0:
-        raise ValueError(f"method_args['owl_threshold']={thr!r} must be a positive number, e.g. 5.")
-    check_sparsity(args["max_sparsity"], "method_args['max_sparsity']")
-    return args
 
 
 def apportion(wanted: dict[str, float], sizes: dict[str, int], total: int, max_sparsity: float = 1.0) -> dict[str, int]:

@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from ..spec import MAX_NM_M
+
 __all__ = [
     "check_sparsity",
     "lowest_k_mask",
@@ -38,8 +40,8 @@ def validate_nm(n: int, m: int) -> tuple[int, int]:
         raise ValueError(f"N:M pattern {n!r}:{m!r} needs integers, e.g. 2:4.")
     if not 1 <= n < m:
         raise ValueError(f"N:M pattern {n}:{m} needs 1 <= N < M (keep N of every M consecutive weights), e.g. 2:4.")
-    if m > 64:
-        raise ValueError(f"N:M pattern {n}:{m} has M={m}; hfcompress supports M <= 64.")
+    if m > MAX_NM_M:
+        raise ValueError(f"N:M pattern {n}:{m} has M={m}; hfcompress supports M <= {MAX_NM_M}.")
     return n, m
 
 

@@ -6,12 +6,14 @@ and in the comparison group (whole matrix or per output row).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..formats.base import CompressedWeight
 from ..grid import quantize_rtn, scale_torch_dtype
 from ..spec import LayerSpec
-from .masks import nm_mask, unstructured_mask
+from .masks import check_sparsity, nm_mask, unstructured_mask
 
 __all__ = ["mask_for_spec", "masked_weight"]
 
@@ -41,6 +43,23 @@ def masked_weight(weight: torch.Tensor, keep: torch.Tensor, spec: LayerSpec) -> 
 
 #: ``method_args`` every pruning method accepts: they drive the per-layer allocation that runs before it
 ALLOCATION_ARGS = {"allocation": "uniform", "owl_lambda": 0.08, "owl_threshold": 5.0, "max_sparsity": 0.99}
+#: values of ``method_args["allocation"]`` (see :mod:`hfcompress.sparsity.allocation`)
+ALLOCATIONS = ("uniform", "global", "lamp", "owl")
+
+
+def allocation_of(method_args: dict | None) -> dict:
+    """The allocation settings of ``method_args`` (defaults filled in, validated)."""
+    args = {k: (method_args or {}).get(k, v) for k, v in ALLOCATION_ARGS.items()}
+    if args["allocation"] not in ALLOCATIONS:
+        raise ValueError(f"method_args['allocation']={args['allocation']!r} is not supported; use one of {ALLOCATIONS}.")
+    lam = args["owl_lambda"]
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 <= lam < 0.5:
+        raise ValueError(f"method_args['owl_lambda']={lam!r} must be a number in [0, 0.5), e.g. 0.08.")
+    thr = args["owl_threshold"]
+    if isinstance(thr, bool) or not isinstance(thr, (int, float)) or thr <= 0:
+        raise ValueError(f"method_args['owl_threshold']={thr!r} must be a positive number, e.g. 5.")
+    check_sparsity(args["max_sparsity"], "method_args['max_sparsity']")
+    return args
 
 
 def method_options(method: str, method_args: dict | None, defaults: dict) -> dict:
@@ -68,10 +87,13 @@ def method_options(method: str, method_args: dict | None, defaults: dict) -> dic
             value = float(value) if ok else value
         else:
             ok = isinstance(value, type(default))
+        if ok and isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"method_args[{key!r}]={value!r} for method={method!r} must be a finite number (default {default!r}).")
         if not ok:
             raise ValueError(
                 f"method_args[{key!r}]={value!r} for method={method!r} must be a {type(default).__name__} "
                 f"(default {default!r})."
             )
         out[key] = value
+    allocation_of(method_args)  # the allocation settings' values
     return out

@@ -9,20 +9,15 @@ serves repeated reads.
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..checkpoint import SAFETENSORS_DTYPES, read_header
+from ..checkpoint import INDEX_NAME, SAFETENSORS_DTYPES, SINGLE_NAME, data_start, read_index, read_tensor_index, read_header, shard_names
 
 __all__ = ["CheckpointReader", "INDEX_NAME", "SINGLE_NAME"]
-
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -39,30 +34,18 @@ class CheckpointReader:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        if (self.path / INDEX_NAME).is_file():
-            weight_map = json.loads((self.path / INDEX_NAME).read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        elif (self.path / SINGLE_NAME).is_file():
-            files = [SINGLE_NAME]
-        else:
-            other = sorted(p.name for p in self.path.glob("*.bin"))
-            hint = f" (found {other[:2]}: re-save it with save_pretrained(), which writes safetensors)" if other else ""
-            raise FileNotFoundError(f"{self.path} holds no safetensors checkpoint ({SINGLE_NAME} or {INDEX_NAME}){hint}.")
-        self.files = files
+        self.files = shard_names(self.path)  # validated names (an index pointing outside the folder is refused)
         self.entries: dict[str, _Entry] = {}
-        for name in files:
-            file = str(self.path / name)
+        paths = [str(self.path / name) for name in self.files]
+        read_tensor_index(paths, read_index(self.path))  # the index and the shards agree, no name stored twice
+        for file in paths:
             header = read_header(file)
-            with open(file, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
+            start = data_start(file)
             for key, info in header.items():
                 if key == "__metadata__":
                     continue
-                dtype = SAFETENSORS_DTYPES.get(info["dtype"])
-                if dtype is None:
-                    raise ValueError(f"Tensor {key!r} in {file} has unsupported dtype {info['dtype']!r}.")
                 begin, end = info["data_offsets"]
-                self.entries[key] = _Entry(file, 8 + n + begin, end - begin, dtype, tuple(info["shape"]))
+                self.entries[key] = _Entry(file, start + begin, end - begin, SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]))
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries

@@ -42,7 +42,9 @@ from ..algorithms import get_method
 from ..calibration.blocks import capture_block_inputs, find_blocks, first_tensor
 from ..calibration.pipeline import run_calibration
 from ..config import HfCompressConfig
+from ..integrity import CHECKSUMS_KEY, checksum_metadata
 from ..modules import CompressedModule, compressed_twin, set_submodule
+from ..outputs import check_containment, check_replaceable
 from ..targets import resolve_layers
 from .reader import CheckpointReader
 from .writer import ShardWriter, partial_dir
@@ -331,10 +333,10 @@ def compress_checkpoint(
         raise TypeError(f"config must be an HfCompressConfig, got {type(config).__name__}.")
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"src={str(src)!r} is not a Hugging Face model folder (no config.json).")
-    if out.resolve() == src.resolve():
-        raise ValueError("out must differ from src: compression never modifies its input.")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"out={str(out)!r} exists; pass overwrite=True to replace it.")
+    sources = [src] + ([dataset] if isinstance(dataset, (str, os.PathLike)) and Path(dataset).exists() else [])
+    check_containment(out, sources, "out")
+    check_containment(partial_dir(out), sources, "out's work folder")
+    check_replaceable(out, overwrite, "out")
     size = parse_size(shard_size)
     method = get_method(config.method)
     from ..sparsity.allocation import allocation_pending
@@ -400,7 +402,8 @@ def compress_checkpoint(
         )
         batches = [{k: v.to(device) for k, v in b.items()} for b in dist_utils.shard_batches(batches)]
 
-    metadata = {"format": "pt"}
+    metadata = {"format": "pt", **checksum_metadata({}, config)}
+    metadata.pop(CHECKSUMS_KEY)  # each part records its own tensors
     if config.lossless:
         from ..lossless.loader import METADATA_KEY
 

@@ -19,13 +19,15 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
+from ..checkpoint import read_header
+from ..integrity import CHECKSUMS_KEY, checksum_metadata, tensor_record
+from ..outputs import MARKER, OutputPathError, copy_contained, is_our_folder, move_into_place, write_marker
 from .reader import INDEX_NAME, SINGLE_NAME
 
 __all__ = ["ShardWriter", "PROGRESS_NAME", "partial_dir"]
@@ -46,17 +48,19 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 
 
 def _merge_safetensors(parts: list[Path], dst: Path, metadata: dict[str, str]) -> None:
-    """Concatenate safetensors files into ``dst`` by copying their data regions (no tensor is loaded)."""
-    if len(parts) == 1:
-        os.replace(parts[0], dst)
-        return
+    """Concatenate safetensors files into ``dst`` by copying their data regions (no tensor is loaded); the
+    checksum records of the parts are merged into the shard's metadata."""
+    records: dict[str, list] = {}
+    for part in parts:
+        records.update(json.loads((read_header(part).get("__metadata__") or {}).get(CHECKSUMS_KEY, "{}")))
+    metadata = {**metadata, CHECKSUMS_KEY: json.dumps(records, sort_keys=True, separators=(",", ":"))}
     header: dict[str, Any] = {"__metadata__": dict(metadata)}
     regions = []
     offset = 0
     for part in parts:
+        part_header = read_header(part)  # validated: a damaged part fails here
         with open(part, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
-            part_header = json.loads(f.read(n))
         part_header.pop("__metadata__", None)
         end = 0
         for name, info in part_header.items():
@@ -100,6 +104,11 @@ class ShardWriter:
         self._buffer: dict[str, torch.Tensor] = {}
         self._buffer_bytes = 0
         progress = self.work / PROGRESS_NAME
+        if os.path.lexists(self.work) and not is_our_folder(self.work):
+            raise OutputPathError(
+                f"{self.work} exists and was not written by hfcompress (no {MARKER}); it is where this run keeps its "
+                "work. Move it away or choose another output name."
+            )
         if self.work.exists() and resume and progress.is_file():
             state = json.loads(progress.read_text())
             if state.get("version") != _FORMAT_VERSION or state.get("fingerprint") != self.fingerprint:
@@ -116,6 +125,7 @@ class ShardWriter:
             if self.work.exists():
                 shutil.rmtree(self.work)
             self.work.mkdir(parents=True)
+            write_marker(self.work, "partial")
             self._save_progress()
 
     # ------------------------------------------------------------------ progress
@@ -146,7 +156,8 @@ class ShardWriter:
         if self._buffer:
             name = f"part-{len(self.shards):05d}.safetensors"
             tmp = self.work / (name + ".tmp")
-            save_file(self._buffer, str(tmp), metadata=self.metadata)
+            records = {k: tensor_record(v) for k, v in self._buffer.items()}
+            save_file(self._buffer, str(tmp), metadata={**self.metadata, **checksum_metadata(records)})
             os.replace(tmp, self.work / name)
             self.shards[name] = sorted(self._buffer)
             self._buffer = {}
@@ -187,26 +198,12 @@ class ShardWriter:
                 weight_map.update({t: final for t in tensors})
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (self.work / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        for item in Path(src).iterdir():  # tokenizer, generation config, ...: copied as they are
-            if item.name in (INDEX_NAME, SINGLE_NAME, "config.json") or item.name.endswith((".safetensors", ".bin")):
-                continue
-            if item.name.startswith("."):
-                continue
-            if item.is_dir():
-                shutil.copytree(item, self.work / item.name)
-            else:
-                shutil.copy2(item, self.work / item.name)
+        # tokenizer, generation config, ...: copied as they are (links leaving the source are not followed)
+        copy_contained(Path(src), self.work, skip={INDEX_NAME, SINGLE_NAME, "config.json"}, skip_suffixes=(".safetensors", ".bin"))
         for name in os.listdir(self.work):
             if name == PROGRESS_NAME or name.startswith("hidden-"):
                 (self.work / name).unlink()
         (self.work / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
-        if self.out.exists():
-            if not overwrite:
-                raise FileExistsError(f"out={str(self.out)!r} exists; pass overwrite=True to replace it.")
-            old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
-            os.replace(self.out, old / self.out.name)
-            os.replace(self.work, self.out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.work, self.out)
+        write_marker(self.work, "checkpoint")
+        move_into_place(self.work, self.out, overwrite=overwrite, what="out")
         return self.out
