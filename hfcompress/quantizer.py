@@ -277,10 +277,18 @@ def check_stored_keys(model: torch.nn.Module, stored: list[str], key_mapping=Non
     def matches(key: str, patterns) -> bool:
         return any(re.search(p, key) for p in patterns or [])
 
+    buffers = {name for name, _ in model.named_buffers()}
+    ignore_unexpected = list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
+    # as transformers: old checkpoints store buffers that models now recompute (non-persistent)
+    if any(b.endswith("rotary_emb.inv_freq") for b in buffers):
+        ignore_unexpected.append(r"rotary_emb\.inv_freq")
+    if any(b.endswith("position_ids") for b in buffers):
+        ignore_unexpected.append(r"(^|\.)position_ids$")
     unexpected = sorted(
         orig for new, orig in landed.items()
         if new not in expected
-        and not matches(orig, getattr(model, "_keys_to_ignore_on_load_unexpected", None))
+        and new not in buffers  # a non-persistent buffer's stored value: the model recomputes it
+        and not matches(orig, ignore_unexpected)
         and not (not model_has_base and ckpt_has_base and not orig.startswith(prefix + "."))  # head of a bigger model
     )  # fmt: skip
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from hfcompress import HfCompressConfig, compress, compression_report, compressed_modules
@@ -63,20 +64,25 @@ def test_damaged_checkpoints_are_reported(saved, tmp_path):
 
     _, folder = saved
     tensors = load_file(folder / "model.safetensors")
-    meta = {"format": "pt"}
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        meta = f.metadata()  # the recorded checksums stay: the edits below must be caught against them
 
     missing = tmp_path / "missing"
     shutil.copytree(folder, missing)
     save_file({k: v for k, v in tensors.items() if not k.startswith("model.layers.1.mlp.up_proj.")}, missing / "model.safetensors", meta)
     with pytest.raises(ValueError, match="model.layers.1.mlp.up_proj"):
         inspect_checkpoint(missing)
+    with pytest.raises(ValueError, match="model.layers.1.mlp.up_proj"):
+        inspect_checkpoint(missing, verify=False)
 
     misshapen = tmp_path / "misshapen"
     shutil.copytree(folder, misshapen)
     key = next(k for k in tensors if k.startswith("model.layers.0.self_attn.q_proj.weight_") and tensors[k].dim() == 2)
     save_file({**tensors, key: tensors[key][:-1].contiguous()}, misshapen / "model.safetensors", meta)
-    with pytest.raises(ValueError, match="q_proj"):
+    with pytest.raises(ValueError, match="q_proj.*stored as .* but was written as"):
         inspect_checkpoint(misshapen)
+    with pytest.raises(ValueError, match="q_proj.*shape"):
+        inspect_checkpoint(misshapen, verify=False)
 
     with pytest.raises(FileNotFoundError, match="config.json"):
         inspect_checkpoint(tmp_path)

@@ -8,6 +8,8 @@ Every command accepts ``--json`` (one JSON object on stdout), ``--quiet`` (no pr
 from __future__ import annotations
 
 import argparse
+import json
+import signal
 import sys
 
 from .common import BAD_INPUT, FAILED, INTERRUPTED, CliError
@@ -26,9 +28,16 @@ typical session:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with bad arguments raised as :class:`CliError` (exit 2, and a JSON error with ``--json``)."""
+
+    def error(self, message: str):  # noqa: D401  (argparse's hook)
+        raise CliError(f"{message} (see `{self.prog} --help`)")
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("common options")
-    g.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
+    g.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout (errors too: {\"error\": ...})")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars or notes on stderr")
     g.add_argument("-v", "--verbose", action="store_true", help="show library warnings and full tracebacks")
 
@@ -36,7 +45,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from . import compress, evaluate, inspect, publish
 
-    parser = argparse.ArgumentParser(prog="hfcompress", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="hfcompress", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"hfcompress {__version__}")
@@ -50,10 +59,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def report_error(prog: str, message: str, code: int, kind: str, as_json: bool) -> int:
+    """One line on stderr and, with ``--json``, ``{"error": {...}}`` on stdout; returns ``code``."""
+    sys.stderr.write(f"{prog}: {message}\n")
+    sys.stderr.flush()
+    if as_json:
+        payload = {"error": {"type": kind, "message": message.split(": ", 1)[-1], "exit_code": code}}
+        sys.stdout.write(json.dumps(payload) + "\n")
+        sys.stdout.flush()
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (the console script exits with it)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run the CLI; returns the exit code (the console script exits with it).
+
+    Exit codes: 0 success, 1 failure while running, 2 bad input, 130 interrupted (SIGINT at any moment gives
+    one line and 130, never a traceback). With ``--json`` every error is also printed as a JSON object on stdout.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    as_json = "--json" in argv
+    prog = "hfcompress" + (f" {argv[0]}" if argv and not argv[0].startswith("-") else "")
+    try:
+        return _run(argv, as_json)
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C during the clean-up prints nothing more
+        return report_error(prog, "interrupted", INTERRUPTED, "KeyboardInterrupt", as_json)
+
+
+def _run(argv: list[str], as_json: bool) -> int:
+    prog = "hfcompress"
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except CliError as exc:
+        return report_error(prog, f"error: {exc}", exc.code, "UsageError", as_json)
     from .common import quiet_libraries
 
     quiet_libraries(args.verbose)
@@ -67,21 +106,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except CliError as exc:
-        sys.stderr.write(f"{prog}: error: {exc}\n")
-        return exc.code
+        return report_error(prog, f"error: {exc}", exc.code, "CliError", as_json)
     except KeyboardInterrupt:
-        sys.stderr.write(f"{prog}: interrupted\n")
-        return INTERRUPTED
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError) as exc:
+        raise
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
         if args.verbose:
             raise
-        sys.stderr.write(f"{prog}: error: {exc}\n")
-        return BAD_INPUT
+        return report_error(prog, f"error: {exc}", BAD_INPUT, type(exc).__name__, as_json)
     except Exception as exc:  # noqa: BLE001  (one clear line; --verbose shows the traceback)
         if args.verbose:
             raise
-        sys.stderr.write(f"{prog}: failed: {type(exc).__name__}: {exc}\n")
-        return FAILED
+        return report_error(prog, f"failed: {type(exc).__name__}: {exc}", FAILED, type(exc).__name__, as_json)
 
 
 if __name__ == "__main__":  # python -m hfcompress.cli

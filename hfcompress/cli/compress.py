@@ -147,13 +147,20 @@ def run(args) -> int:
 
     from ..hub import base_model_id, save_compressed
 
+    from ..outputs import OutputFolder
+
     config = build_config(args)
     out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise CliError(f"--output {out} already exists; choose another folder or pass --overwrite.")
     src = local_model_dir(args.model, allow_download=args.allow_download)
-    if src.resolve() == out.resolve():
-        raise CliError("--output must differ from MODEL.")
+    inputs = [src] + [Path(p) for p in (args.dataset, args.recipe) if p and Path(p).exists()]
+    # refused before anything is loaded or written: an output overlapping an input, or one we may not replace
+    OutputFolder(out, sources=inputs, overwrite=args.overwrite, what="--output")
+    existing = _saved_quantization(src)
+    if existing is not None:
+        raise CliError(
+            f"{args.model} is already compressed (quantization_config.quant_method={existing!r}); the flags would be "
+            "ignored. Compress the original dense model instead."
+        )
     base = args.base_model or base_model_id(args.model) or base_model_id(src)
     license = args.license or _license_of(src)
     steps = tqdm(total=3, desc="compress", unit="step", disable=args.quiet)
@@ -214,6 +221,18 @@ def _dtype_or_none(name: str | None):
     import torch
 
     return None if name in (None, "auto") else getattr(torch, name)
+
+
+def _saved_quantization(folder: Path) -> str | None:
+    """The ``quant_method`` of a folder's config.json, or ``None`` for a dense checkpoint."""
+    import json
+
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise CliError(f"{folder / 'config.json'} is not valid JSON ({exc}).") from None
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    return (qc.get("quant_method") or "unknown") if isinstance(qc, dict) else None
 
 
 def _checkpoint_dtype(folder: Path):

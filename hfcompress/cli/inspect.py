@@ -14,7 +14,9 @@ layer: storage format, shape, bits, group size, configured sparsity, stored byte
 (scales, zero points and masks included), with totals against the same model in bfloat16. --measure
 decodes each layer, one at a time, to report the share of exact zeros actually stored. Also works on a
 dense folder (it then lists no compressed layers). The stored tensors are checked against the config,
-so a damaged checkpoint is reported here.
+so a damaged checkpoint is reported here: by default every tensor is also checked against the checksums
+recorded when it was written, and config.json against the config the tensors were written for, as loading
+does (--no-verify reads the headers only).
 """
 
 
@@ -23,6 +25,7 @@ def add_parser(sub) -> None:
     p.add_argument("folder", help="checkpoint folder (config.json + *.safetensors)")
     p.add_argument("--groups", action="store_true", help="aggregate layers by role (block index replaced by *)")
     p.add_argument("--measure", action="store_true", help="decode each layer to measure its zero fraction (slower)")
+    p.add_argument("--no-verify", action="store_true", help="read only the headers: skip the checksums and consistency checks that loading runs")
     p.set_defaults(func=run)
 
 
@@ -45,7 +48,9 @@ def run(args) -> int:
 
     if not Path(args.folder).is_dir():
         raise CliError(f"{args.folder} is not a folder; pass a checkpoint folder (config.json + *.safetensors).")
-    report = inspect_checkpoint(args.folder, measure=args.measure, show_progress=args.measure and not args.quiet)
+    report = inspect_checkpoint(
+        args.folder, measure=args.measure, show_progress=args.measure and not args.quiet, verify=not args.no_verify
+    )
     if args.groups:
         report["groups"] = layer_groups(report["layers"])
     lines = [f"{report['folder']}: {report['architecture']}"]

@@ -74,6 +74,8 @@ def run_push(args) -> int:
     from ..hub import push_to_hub
 
     folder = _folder(args.folder)
+    if args.token is not None and not args.token.strip():
+        raise CliError("--token is empty; pass a Hub token (hf_...), or leave --token out to use HF_TOKEN or the saved login.")
     card = True if args.render_card else False if args.no_card else None
     info(args, f"uploading {folder} to {args.repo_id}")
     try:

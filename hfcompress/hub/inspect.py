@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import SAFETENSORS_DTYPES, read_header, read_index, read_tensor_index, shard_paths
 from ..config import QUANT_METHOD, HfCompressConfig
+from ..integrity import verify_files
 
 __all__ = ["checkpoint_files", "inspect_checkpoint", "layer_groups", "load_saved_config"]
 
@@ -71,7 +72,9 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return math.prod(shape) * dtype.itemsize
 
 
-def inspect_checkpoint(folder: str | os.PathLike, measure: bool = False, show_progress: bool = False) -> dict[str, Any]:
+def inspect_checkpoint(
+    folder: str | os.PathLike, measure: bool = False, show_progress: bool = False, verify: bool = True
+) -> dict[str, Any]:
     """Per-layer format, bits, group size, sparsity and bytes of a saved (compressed or dense) checkpoint.
 
     Args:
@@ -79,6 +82,10 @@ def inspect_checkpoint(folder: str | os.PathLike, measure: bool = False, show_pr
         measure: also decode each compressed layer (one at a time) and report ``zero_fraction``, the share of
             exact zeros in its stored weight: the realised sparsity, or codes that round to zero.
         show_progress: a tqdm bar over the layers.
+        verify: run the checks ``from_pretrained`` runs before loading, without loading: every tensor against
+            its recorded checksum and config.json against the config the tensors were written for
+            (:mod:`hfcompress.integrity`), every lossless payload's chunk checksums, and stored tensors against
+            the tensors the model needs. ``False`` reads only the headers.
 
     Returns:
         ``{"folder", "architecture", "model_type", "quantization_config" (dict or None), "compressed",
@@ -115,8 +122,12 @@ def inspect_checkpoint(folder: str | os.PathLike, measure: bool = False, show_pr
     stored_of = {lossless_format.original_key(k) or k: k for k in stored_bytes}
     index = read_tensor_index([str(f) for f in files], read_index(folder))
     index = lossless_format.resolve_index(index, [str(f) for f in files], bool(getattr(qconfig, "lossless", False)))
+    if qconfig is not None and verify:
+        verify_files(files, qconfig, checksums=True, rename=_renamer(model_config))
+        _verify_payloads(files)
     report: dict[str, Any] = {
         "folder": str(folder),
+        "verified": bool(qconfig is not None and verify),
         "architecture": (getattr(model_config, "architectures", None) or [None])[0],
         "model_type": getattr(model_config, "model_type", None),
         "quantization_config": qconfig.to_dict() if qconfig is not None else None,
@@ -154,6 +165,10 @@ def inspect_checkpoint(folder: str | os.PathLike, measure: bool = False, show_pr
             if measure:
                 layer["zero_fraction"] = _zero_fraction(twin, name, found, model, original, file_of, stored_of)
             layers.append(layer)
+        if verify:
+            from ..quantizer import check_stored_keys
+
+            check_stored_keys(model, list(index.tensors))
     compressed = sum(layer["nbytes"] for layer in layers)
     params = sum(math.prod(layer["shape"]) for layer in layers)
     other_bf16 = sum(
@@ -170,6 +185,30 @@ def inspect_checkpoint(folder: str | os.PathLike, measure: bool = False, show_pr
         bf16_bytes=other_bf16 + 2 * params,
     )
     return report
+
+
+def _renamer(model_config):
+    from ..quantizer import _loader_renaming
+
+    return _loader_renaming(_skeleton(model_config))
+
+
+def _verify_payloads(files: list[Path]) -> None:
+    """Chunk checksums of every lossless payload (no decoding), naming the file and tensor on damage."""
+    from ..checkpoint import data_start
+    from ..formats.lossless import original_key
+    from ..lossless.codec import verify_payload
+
+    for path in files:
+        header = read_header(path)
+        start = data_start(path)
+        with open(path, "rb") as f:
+            for name, info in header.items():
+                if name == "__metadata__" or original_key(name) is None:
+                    continue
+                begin, end = info["data_offsets"]
+                f.seek(start + begin)
+                verify_payload(f.read(end - begin), where=f"{name} in {path}")
 
 
 def _stored_names(name: str, found: dict, model, original: dict) -> set[str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import HfCompressConfig
-from ..outputs import OutputFolder, copy_contained
+from ..outputs import MARKER, OutputFolder, copy_contained
 
 __all__ = ["copy_companion_files", "enable_push_with_card", "push_to_hub", "save_compressed"]
 
@@ -109,6 +109,23 @@ def save_compressed(
     return folder
 
 
+def _refuse_escaping_links(folder: Path) -> None:
+    """Refuse a folder holding symbolic links that leave it (or lead nowhere): uploading one would publish the
+    content of whatever file it points to."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder.")
+    root = Path(os.path.realpath(folder))
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            continue
+        target = Path(os.path.realpath(path))
+        if not target.exists() or not (target == root or root in target.parents):
+            raise ValueError(
+                f"{path} is a symbolic link to {target}, outside {folder}; push uploads only the folder's own files. "
+                "Replace the link by a copy of the file (cp -L) or remove it."
+            )
+
+
 def _stage_with_card(folder: Path, card_text: str, stage: Path) -> None:
     """Mirror ``folder`` into ``stage`` with symlinks, plus a new README.md (the folder is not modified)."""
     for path in folder.rglob("*"):
@@ -169,7 +186,8 @@ def push_to_hub(
         scratch = Path(scratch)
         if isinstance(source, (str, os.PathLike)):
             folder = Path(source)
-            report = inspect_checkpoint(folder)  # raises on a damaged or non-model folder
+            _refuse_escaping_links(folder)
+            report = inspect_checkpoint(folder, verify=True)  # the checks loading runs: damage, edits, missing parts
             if not report["compressed"]:
                 raise ValueError(f"{folder} is not an hfcompress checkpoint (no hfcompress quantization_config in config.json).")
             if tokenizer is not None:
@@ -188,7 +206,7 @@ def push_to_hub(
             if text is not None:
                 upload_dir = scratch / "stage"
                 _stage_with_card(folder, text, upload_dir)
-            ignore = ["README.md"] if card is False else None
+            ignore = [MARKER] + (["README.md"] if card is False else [])
         else:
             _compressed_config(source)
             upload_dir = scratch / repo_id.split("/")[1]
@@ -198,7 +216,7 @@ def push_to_hub(
             )  # fmt: skip
             if isinstance(card, ModelCard):
                 (upload_dir / "README.md").write_text(str(card), encoding="utf-8")
-            ignore = None
+            ignore = [MARKER]
         repo = api.create_repo(repo_id, private=private, exist_ok=True)
         if revision is not None and not revision.startswith("refs/pr/") and not create_pr:
             api.create_branch(repo.repo_id, branch=revision, exist_ok=True)
