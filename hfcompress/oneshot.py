@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from .algorithms import get_method
-from .apply import compress, mark_compressed
-from .calibration.data import calibration_batches
+from .apply import check_compressible, compress, mark_compressed
+from .calibration.data import calibration_batches, check_token_ids
 from .calibration.pipeline import LayerResult, run_calibration
 from .config import HfCompressConfig
 from .modules import CompressedModule
@@ -188,10 +188,7 @@ def oneshot(
     Bad arguments raise before anything is modified; an error during compression puts every replaced
     module back. Afterwards ``model.save_pretrained(out)`` writes the compressed checkpoint.
     """
-    if not isinstance(config, HfCompressConfig):
-        raise TypeError(f"config must be an HfCompressConfig, got {type(config).__name__}.")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch nn.Module (a transformers model), got {type(model).__name__}.")
+    check_compressible(model, config, "hfcompress.oneshot")
     already = [n for n, m in model.named_modules() if isinstance(m, CompressedModule)]
     if already:
         raise ValueError(
@@ -224,6 +221,7 @@ def oneshot(
             dataset, tokenizer, num_samples=num_samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
             text_column=text_column, dataset_config=dataset_config, split=split, main_input_name=main_input,
         )  # fmt: skip
+    check_token_ids(batches, model)
     device = _input_device(model)
     batches = [{k: v.to(device) for k, v in batch.items()} for batch in batches]
     from .sparsity.allocation import allocated_config

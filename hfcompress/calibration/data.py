@@ -193,3 +193,31 @@ def calibration_batches(
     texts = iter_texts(dataset, seed=seed, text_column=text_column, dataset_config=dataset_config, split=split)
     windows = text_windows(texts, tokenizer, num_samples=num_samples, seq_len=seq_len)
     return _split(windows, "input_ids", batch_size)
+
+
+def check_token_ids(batches: list[dict[str, torch.Tensor]], model: torch.nn.Module) -> None:
+    """Refuse calibration batches whose token ids the model cannot embed (an ``IndexError`` deep in a forward
+    otherwise), naming the batch, the bad id and the vocabulary size."""
+    if not any("input_ids" in batch for batch in batches):
+        return  # images or other inputs
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        embeddings = None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    for i, batch in enumerate(batches):
+        ids = batch.get("input_ids")
+        if ids is None:
+            continue
+        if ids.is_floating_point() or ids.dtype == torch.bool or ids.is_complex():
+            raise TypeError(f"calibration batch {i}: input_ids must be integer token ids, got {ids.dtype}.")
+        if ids.numel() == 0:
+            raise ValueError(f"calibration batch {i} holds no tokens (input_ids of shape {tuple(ids.shape)}).")
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or (vocab is not None and high >= vocab):
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"calibration batch {i} holds token id {bad}, outside the model's vocabulary [0, {vocab}); the data was "
+                "tokenized for another model. Tokenize it with this model's tokenizer (or pass the text itself)."
+            )
+

@@ -145,6 +145,8 @@ class CompressedModule(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             if name == "weight":
+                if any(t.is_meta for t in self._buffers.values() if isinstance(t, torch.Tensor)):
+                    return torch.empty(self.dense_shape, dtype=self._dense_dtype(), device="meta")  # nothing to decode yet
                 return self.dequantize_weight(self._dense_dtype())
             raise
 
@@ -159,6 +161,11 @@ class CompressedModule(nn.Module):
         # `.to(dtype)`, `.half()`, ... must move compressed tensors between devices but never re-round them:
         # apply `fn` to an integer view of each floating compressed buffer, then view it back. Only the
         # format's value tensors (kept values of sparse formats) are cast like a dense weight would be.
+        weight_dtype = self.__dict__.get("_weight_dtype")
+        if weight_dtype is not None:  # the dtype the decoded weight takes follows casts of the model (probed on an empty tensor)
+            probe = fn(torch.empty(0, dtype=weight_dtype))
+            if isinstance(probe, torch.Tensor) and probe.is_floating_point():
+                self._weight_dtype = probe.dtype
         views = {}
         value_tensors = self.format.value_tensors
         for name in self._compressed_names:

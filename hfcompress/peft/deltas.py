@@ -38,8 +38,8 @@ and ``adapter_model.hfcdelta.safetensors`` in this format instead of ``adapter_m
 from __future__ import annotations
 
 import json
+import math
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +53,7 @@ from torch import nn
 
 from ..formats.bitpack import pack_codes, unpack_codes
 from ..modules import CompressedModule
+from ..outputs import OutputFolder
 from .masks import sparsity_mask
 
 __all__ = [
@@ -127,9 +128,11 @@ def compeft(tensor: torch.Tensor, density: float = 0.1, alpha: float | None = No
     ``scale = alpha · std(tensor)`` (the paper's parametrisation, tune ``alpha`` on validation data).
     """
     density = _check_density(density)
-    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0):
-        raise ValueError(f"alpha={alpha!r} must be a positive number (scale = alpha * std), or None for the least-squares scale.")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf):
+        raise ValueError(f"alpha={alpha!r} must be a positive finite number (scale = alpha * std), or None for the least-squares scale.")
     flat = tensor.detach().reshape(-1).float().cpu()
+    if not bool(torch.isfinite(flat).all()):
+        raise ValueError("the tensor holds NaN or infinite values; a delta must be finite (check the training run).")
     k = int(round(density * flat.numel()))
     order = torch.argsort(flat.abs(), descending=True, stable=True)
     mask = torch.zeros(flat.numel(), dtype=torch.bool)
@@ -239,6 +242,8 @@ class CompressedDelta:
                 if method == "compeft":
                     signs = unpack_codes(f.get_tensor(f"{name}.signs").reshape(1, -1), 1, k).reshape(-1).bool()
                     scale = float(f.get_tensor(f"{name}.scale"))
+                    if not math.isfinite(scale):
+                        raise ValueError(f"{path}: the scale of {name!r} is {scale}; the file is damaged.")
                     tensors[name] = CompressedTensor(shape, dtype, mask, signs=signs, scale=scale)
                 else:
                     values = f.get_tensor(f"{name}.values")
@@ -262,6 +267,8 @@ def compress_delta(
     _check_density(density)
     if not isinstance(tensors, dict) or not tensors:
         raise ValueError("tensors must be a non-empty dict {name: tensor}.")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed={seed!r} must be an int.")
     out = {}
     params: dict[str, Any] = {"density": density}
     if method == "compeft":
@@ -272,6 +279,8 @@ def compress_delta(
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise ValueError(f"tensors[{name!r}] must be a floating tensor, got {getattr(t, 'dtype', type(t))}.")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"tensors[{name!r}] holds NaN or infinite values; a delta must be finite (check the training run).")
         out[name] = compeft(t, density, alpha) if method == "compeft" else dare(t, density, gen)
     return CompressedDelta(method=method, params=params, tensors=out)
 
@@ -337,13 +346,16 @@ def apply_task_vector(model: nn.Module, delta: dict[str, torch.Tensor] | Compres
 
 # ---------------------------------------------------------------------------------------------- adapters
 def save_compressed_adapter(
-    peft_model, path: str | os.PathLike, method: str = "compeft", density: float = 0.1, *, alpha: float | None = None, seed: int = 0
+    peft_model, path: str | os.PathLike, method: str = "compeft", density: float = 0.1, *, alpha: float | None = None,
+    seed: int = 0, overwrite: bool = False,
 ) -> CompressedDelta:
     """Save a LoRA adapter with its ``lora_A``/``lora_B`` tensors compressed by ComPEFT or DARE.
 
     ``peft_model`` is a :class:`peft.PeftModel` (its active adapter is saved). The folder gets PEFT's
     ``adapter_config.json``, hfcompress's policy file and :data:`COMPRESSED_ADAPTER_FILE`; it is written in
-    a temporary folder and moved into place. Returns the compressed delta (``.stats()`` gives its size).
+    a temporary folder and moved into place (:class:`hfcompress.outputs.OutputFolder`: an existing ``path`` is
+    replaced only with ``overwrite=True`` and only if hfcompress wrote it). Returns the compressed delta
+    (``.stats()`` gives its size).
     """
     from peft import PeftModel
     from peft.utils import get_peft_model_state_dict
@@ -355,19 +367,11 @@ def save_compressed_adapter(
     path = Path(path)
     state = get_peft_model_state_dict(peft_model, adapter_name=peft_model.active_adapter)
     delta = compress_delta({k: v.detach().cpu() for k, v in state.items()}, method, density, alpha=alpha, seed=seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    try:
+    with OutputFolder(path, overwrite=overwrite, kind="adapter", what="path") as tmp:
         save_adapter(peft_model, tmp)
         for f in ("adapter_model.safetensors", "adapter_model.bin"):
             (tmp / f).unlink(missing_ok=True)
         delta.save(tmp / COMPRESSED_ADAPTER_FILE)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return delta
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -171,22 +172,33 @@ def _cpu_tensors(module: nn.Module, prefix: str, drop: set[str]) -> dict[str, to
     return out
 
 
-def _fingerprint(src: Path, config: HfCompressConfig, dtype: torch.dtype, calib: dict[str, Any] | None) -> dict[str, Any]:
+def _fingerprint(
+    src: Path, reader: CheckpointReader, config: HfCompressConfig, dtype: torch.dtype, settings: dict[str, Any]
+) -> dict[str, Any]:
+    """Everything the output depends on, exactly: a resumed run must have every one of them unchanged."""
+    files = []
+    for name in reader.files:
+        st = os.stat(src / name)
+        files.append([name, st.st_size, st.st_mtime_ns])
     return {
         "src": str(src.resolve()),
+        "src_files": files,  # a source rewritten since (other weights, same names) is a different source
         "config": config.to_dict(),
         "dtype": str(dtype),
-        "calibration": calib,
+        "settings": settings,
         "world_size": dist_utils.world_size(),
     }
 
 
-def _dataset_key(dataset: Any) -> Any:
-    if dataset is None or isinstance(dataset, (str, os.PathLike)):
-        return None if dataset is None else str(dataset)
-    if isinstance(dataset, torch.Tensor):
-        return {"tensor": list(dataset.shape), "sum": float(dataset.double().sum())}
-    return type(dataset).__name__  # user objects: the caller keeps them identical across restarts
+def _batches_digest(batches: list[dict[str, torch.Tensor]]) -> str:
+    """SHA-256 of the exact calibration tensors (names, dtypes, shapes, bytes): same data, or no resume."""
+    digest = hashlib.sha256()
+    for batch in batches:
+        for key in sorted(batch):
+            t = batch[key].detach().cpu().contiguous()
+            digest.update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
+            digest.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def _hidden_path(work: Path, unit: int) -> Path:
@@ -331,6 +343,8 @@ def compress_checkpoint(
     src, out = Path(src), Path(out)
     if not isinstance(config, HfCompressConfig):
         raise TypeError(f"config must be an HfCompressConfig, got {type(config).__name__}.")
+    if config.is_loading_only:
+        raise ValueError("HfCompressConfig.loading(...) only carries loading options; compress_checkpoint needs HfCompressConfig(bits=..., ...).")
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"src={str(src)!r} is not a Hugging Face model folder (no config.json).")
     sources = [src] + ([dataset] if isinstance(dataset, (str, os.PathLike)) and Path(dataset).exists() else [])
@@ -389,17 +403,20 @@ def compress_checkpoint(
                 "add them to config.ignore (or compress the model in memory with hfcompress.oneshot)."
             )
 
-    calib = None
+    settings: dict[str, Any] = {
+        "model_class": None if model_class is None else f"{model_class.__module__}.{model_class.__qualname__}",
+        "device": device.type, "blocks": blocks,
+    }  # fmt: skip
     batches: list[dict[str, torch.Tensor]] = []
     if not method.data_free:
-        calib = {
-            "dataset": _dataset_key(dataset), "num_samples": num_samples, "seq_len": seq_len, "seed": seed,
-            "batch_size": batch_size, "text_column": text_column, "dataset_config": dataset_config, "split": split,
-            "blocks": blocks, "true_sequential": true_sequential,
-        }  # fmt: skip
         batches = _calibration_batches(
             model, src, dataset, tokenizer, num_samples, seq_len, seed, batch_size, text_column, dataset_config, split
         )
+        from ..calibration.data import check_token_ids
+
+        check_token_ids(batches, model)
+        # the exact tokens (whatever dataset, tokenizer, seed or split produced them), and how they are batched
+        settings.update(calibration=_batches_digest(batches), true_sequential=true_sequential)
         batches = [{k: v.to(device) for k, v in b.items()} for b in dist_utils.shard_batches(batches)]
 
     metadata = {"format": "pt", **checksum_metadata({}, config)}
@@ -411,7 +428,7 @@ def compress_checkpoint(
     work = partial_dir(out)
     writer = None
     if dist_utils.is_main_process():
-        writer = ShardWriter(out, _fingerprint(src, config, dtype, calib), size, resume, metadata)
+        writer = ShardWriter(out, _fingerprint(src, reader, config, dtype, settings), size, resume, metadata)
     units_done = _broadcast(writer.units_done if writer is not None else 0)
     dist_utils.barrier()
     if units_done:
