@@ -109,7 +109,7 @@ class HfCompressQuantizer(HfQuantizer):
         plan = resolve_layers(model, self.quantization_config)
         index = None
         if self.pre_quantized and checkpoint_files:
-            files = _checked_files(checkpoint_files)
+            files = _checked_files(checkpoint_files, model)
             folder = os.path.dirname(os.path.abspath(files[0]))
             index = read_tensor_index(files, read_index(folder) if os.path.isfile(os.path.join(folder, INDEX_NAME)) else None)
             rename = _loader_renaming(model, kwargs.get("key_mapping"))
@@ -223,13 +223,24 @@ def validate_loaded(model: torch.nn.Module) -> None:
             )
 
 
-def _checked_files(files) -> list[str]:
-    """The checkpoint files transformers resolved: plain names, all in one folder (an index naming
-    ``../other-model/...`` would otherwise make the loader read another model's weights)."""
+def _checked_files(files, model=None) -> list[str]:
+    """The checkpoint files transformers resolved: plain names in the checkpoint's own folder (an index naming
+    ``../other-model/...`` or an absolute path would otherwise make the loader read another model's weights)."""
     files = [os.fspath(f) for f in files]
-    folders = {os.path.dirname(os.path.abspath(f)) for f in files}
     for f in files:
+        if ".." in f.replace("\\", "/").split("/"):
+            raise CheckpointError(f"checkpoint file {f!r} leaves the checkpoint folder ('..'); the index is damaged or crafted.")
         plain_file_name(os.path.basename(f), f"checkpoint file {f}")
+    folders = {os.path.dirname(os.path.abspath(f)) for f in files}
+    source = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+    if source and os.path.isdir(source):
+        home = os.path.abspath(source)
+        outside = sorted(f for f in folders if f != home and not f.startswith(home + os.sep))
+        if outside:
+            raise CheckpointError(
+                f"The checkpoint {source} names weight files outside its folder (in {outside[0]}); the index is damaged "
+                "or crafted."
+            )
     if len(folders) > 1:
         raise CheckpointError(
             f"The checkpoint's shards lie in {len(folders)} different folders ({sorted(folders)[:2]}); its index names "

@@ -63,3 +63,41 @@ def lossless_dir(dense_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("ll") / "lossless"
     model.save_pretrained(path)
     return path
+
+
+# ---------------------------------------------------------------------- attacks: nothing outside the output changes
+def tree_hash(folder) -> str:
+    """SHA-256 over every entry below ``folder``: relative paths, file bytes, link targets and modes."""
+    import hashlib
+    from pathlib import Path
+
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_symlink():
+            digest.update(f"L {rel} -> {os.readlink(path)}\n".encode())
+        elif path.is_dir():
+            digest.update(f"D {rel}\n".encode())
+        else:
+            digest.update(f"F {rel} {path.stat().st_mode & 0o777}\n".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def tiny_dense_dir(tmp_path_factory):
+    """A dense tiny Llama checkpoint with a byte-level tokenizer (sharded: 3 files and an index)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from hfcompress.models import tiny_llama
+
+    folder = tmp_path_factory.mktemp("attack") / "dense"
+    tiny_llama().save_pretrained(folder, max_shard_size="150KB")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["a"], trainers.BpeTrainer(vocab_size=256, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[]))
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(folder)
+    return folder

@@ -77,7 +77,16 @@ class CompressedModule(nn.Module):
     def init_empty(self, found: dict[str, TensorSpec], where: str = "", device: str | torch.device = "meta") -> None:
         """Create empty buffers with the shapes/dtypes ``found`` in a checkpoint header, after validating them."""
         found = {n: v for n, v in found.items() if n not in self._parameters}  # e.g. the bias is a plain parameter
-        check_tensors(found, self.expected_tensors(), where, self.format_name, max_numel=math.prod(self.shape2d))
+        expected = self.expected_tensors()
+        check_tensors(found, expected, where, self.format_name, max_numel=math.prod(self.shape2d))
+        extra = sorted(n for n in found if n not in expected and n not in self._buffers and n not in self._modules)
+        if extra:
+            key = f"{where}.{extra[0]}" if where else extra[0]
+            raise ValueError(
+                f"Compressed tensor {key!r} is stored but format {self.format_name!r} with this module's settings "
+                f"({self.extra_repr()}) has no such tensor; config.json's quantization_config does not describe "
+                "these weights (e.g. 'symmetric' edited). Loading would ignore it and decode wrong weights."
+            )
         self.set_compressed({n: torch.empty(s, dtype=d, device=device) for n, (s, d) in found.items()}, where)
 
     def await_dense_weight(self, dtype: torch.dtype, device: str | torch.device = "meta") -> None:
