@@ -7,7 +7,7 @@ from torch import nn
 
 from .config import HfCompressConfig
 from .modules import CompressedModule, compressed_twin, set_submodule
-from .targets import resolve_layers
+
 
 
 def mark_compressed(model: nn.Module, config: HfCompressConfig) -> None:

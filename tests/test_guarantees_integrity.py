@@ -141,9 +141,10 @@ def test_any_flipped_bit_anywhere_in_a_file_never_loads_different_weights(saved,
     assert torch.equal(logits, saved[fmt][1])  # a flip that changed nothing (e.g. JSON whitespace)
 
 
+@pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("cut", [1, 100, 5000])
-def test_truncated_and_extended_files_are_refused(saved, tmp_path, cut):
-    folder = _copy(saved, "bitmask", tmp_path)
+def test_truncated_and_extended_files_are_refused(saved, tmp_path, cut, fmt):
+    folder = _copy(saved, fmt, tmp_path)
     path = folder / "model.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[:-cut])

@@ -7,7 +7,6 @@ land around it): nothing but the output folder may ever change.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys

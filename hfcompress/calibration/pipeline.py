@@ -377,7 +377,6 @@ def _stages(
         else:
             stages.append([name])
         last_input = x
-    del order, last_input
     missing = [n for n in names if n not in seen]
     if missing:
         stages.append(missing)  # never called: compressed with identity statistics

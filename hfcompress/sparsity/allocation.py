@@ -27,8 +27,7 @@ import torch
 from torch import nn
 
 from ..spec import LayerSpec
-from .masks import check_sparsity
-from .prune import ALLOCATION_ARGS, ALLOCATIONS, allocation_of
+from .prune import ALLOCATIONS, allocation_of
 
 __all__ = [
     "ALLOCATIONS",
