@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,8 @@ __all__ = [
     "plain_file_name",
     "read_header",
     "read_index",
+    "check_stored_keys",
+    "loader_renaming",
     "read_tensor_index",
     "shard_names",
     "shard_paths",
@@ -269,3 +272,77 @@ def read_tensor_index(files: list[str] | None, weight_map: dict[str, str] | None
                 f"{weight_map.get(k)!r}, the shards hold it in {shard_of.get(k)!r}. The index is damaged or stale."
             )
     return index
+
+
+# ------------------------------------------------------------------------------------------- stored vs model
+def loader_renaming(model, key_mapping=None):
+    """``stored name -> model name`` as transformers' loader renames keys (legacy names, base-model prefix)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    mapping = get_model_conversion_mapping(model, key_mapping, None)
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    meta = model.state_dict()
+    prefix = getattr(model, "base_model_prefix", None) or None
+
+    def rename(key: str) -> str:
+        renamed, _ = rename_source_key(key, renamings, converters, prefix, meta)
+        if renamed not in meta and key in meta:
+            renamed, _ = rename_source_key(key, [], [], base_model_prefix=prefix, meta_state_dict=meta)
+        return renamed
+
+    return rename
+
+
+def check_stored_keys(model: torch.nn.Module, stored: list[str], key_mapping=None) -> None:
+    """Every stored tensor must land in the model and every model tensor must come from the file.
+
+    Exceptions are transformers' own: tied weights (stored once), the patterns a model class declares in
+    ``_keys_to_ignore_on_load_missing/unexpected``, the head of a checkpoint loaded into its base model and the
+    new head of a base-model checkpoint loaded into a model with a head. Raises ``CheckpointError`` naming the
+    tensors otherwise (e.g. an asymmetric checkpoint whose config says symmetric: its zero points would be
+    dropped; targets narrowed in config.json: compressed tensors unused and the layers left random).
+    """
+    rename = loader_renaming(model, key_mapping)
+    expected = set(model.state_dict())
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    landed = {rename(k): k for k in stored}
+    model_has_base = bool(prefix) and hasattr(model, prefix) and isinstance(getattr(model, prefix), torch.nn.Module)
+    ckpt_has_base = bool(prefix) and any(k.startswith(prefix + ".") for k in stored)
+
+    def matches(key: str, patterns) -> bool:
+        return any(re.search(p, key) for p in patterns or [])
+
+    buffers = {name for name, _ in model.named_buffers()}
+    ignore_unexpected = list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
+    # as transformers: old checkpoints store buffers that models now recompute (non-persistent)
+    if any(b.endswith("rotary_emb.inv_freq") for b in buffers):
+        ignore_unexpected.append(r"rotary_emb\.inv_freq")
+    if any(b.endswith("position_ids") for b in buffers):
+        ignore_unexpected.append(r"(^|\.)position_ids$")
+    unexpected = sorted(
+        orig for new, orig in landed.items()
+        if new not in expected
+        and new not in buffers  # a non-persistent buffer's stored value: the model recomputes it
+        and not matches(orig, ignore_unexpected)
+        and not (not model_has_base and ckpt_has_base and not orig.startswith(prefix + "."))  # head of a bigger model
+    )  # fmt: skip
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    missing = sorted(
+        k for k in expected - set(landed)
+        if not (k in tied and tied[k] in landed)
+        and not matches(k, getattr(model, "_keys_to_ignore_on_load_missing", None))
+        and not (model_has_base and not ckpt_has_base and not k.startswith(prefix + "."))  # new head on a base model
+    )  # fmt: skip
+    if unexpected:
+        raise CheckpointError(
+            f"The checkpoint stores {len(unexpected)} tensor(s) this model has no place for, e.g. {unexpected[:3]}: "
+            "config.json's quantization_config does not describe these weights (e.g. symmetric/targets/ignore edited), "
+            "or the checkpoint belongs to another model. Loading would silently drop them."
+        )
+    if missing:
+        raise CheckpointError(
+            f"The checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}: they would be left "
+            "randomly initialised. The checkpoint is incomplete, or config.json's quantization_config was edited."
+        )

@@ -21,7 +21,6 @@ one :class:`~hfcompress.lossless.LosslessFormatError` naming the tensors.
 from __future__ import annotations
 
 import os
-import re
 import warnings
 from typing import Any
 
@@ -30,7 +29,7 @@ from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.auto import register_quantizer
 from transformers.quantizers.base import HfQuantizer
 
-from .checkpoint import INDEX_NAME, CheckpointError, plain_file_name, read_index, read_tensor_index
+from .checkpoint import INDEX_NAME, CheckpointError, check_stored_keys, loader_renaming, plain_file_name, read_index, read_tensor_index
 from .integrity import checksum_metadata, tensor_record, verify_files
 from .formats import lossless as lossless_format
 from .lossless.loader import METADATA_KEY as LOSSLESS_METADATA_KEY
@@ -112,7 +111,7 @@ class HfCompressQuantizer(HfQuantizer):
             files = _checked_files(checkpoint_files, model)
             folder = os.path.dirname(os.path.abspath(files[0]))
             index = read_tensor_index(files, read_index(folder) if os.path.isfile(os.path.join(folder, INDEX_NAME)) else None)
-            rename = _loader_renaming(model, kwargs.get("key_mapping"))
+            rename = loader_renaming(model, kwargs.get("key_mapping"))
             # every tensor against its recorded checksum, config.json against the config the tensors were written for
             verify_files(files, self.quantization_config, rename=rename, checksums=self.quantization_config.verify_checksums)
             # lossless payloads: shapes/dtypes from their headers (and an error if the config does not declare them)
@@ -247,79 +246,6 @@ def _checked_files(files, model=None) -> list[str]:
             "files outside the checkpoint folder. The index is damaged or crafted."
         )
     return files
-
-
-def _loader_renaming(model, key_mapping=None):
-    """``stored name -> model name`` as transformers' loader renames keys (legacy names, base-model prefix)."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-
-    mapping = get_model_conversion_mapping(model, key_mapping, None)
-    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
-    converters = [m for m in mapping if isinstance(m, WeightConverter)]
-    meta = model.state_dict()
-    prefix = getattr(model, "base_model_prefix", None) or None
-
-    def rename(key: str) -> str:
-        renamed, _ = rename_source_key(key, renamings, converters, prefix, meta)
-        if renamed not in meta and key in meta:
-            renamed, _ = rename_source_key(key, [], [], base_model_prefix=prefix, meta_state_dict=meta)
-        return renamed
-
-    return rename
-
-
-def check_stored_keys(model: torch.nn.Module, stored: list[str], key_mapping=None) -> None:
-    """Every stored tensor must land in the model and every model tensor must come from the file.
-
-    Exceptions are transformers' own: tied weights (stored once), the patterns a model class declares in
-    ``_keys_to_ignore_on_load_missing/unexpected``, the head of a checkpoint loaded into its base model and the
-    new head of a base-model checkpoint loaded into a model with a head. Raises ``CheckpointError`` naming the
-    tensors otherwise (e.g. an asymmetric checkpoint whose config says symmetric: its zero points would be
-    dropped; targets narrowed in config.json: compressed tensors unused and the layers left random).
-    """
-    rename = _loader_renaming(model, key_mapping)
-    expected = set(model.state_dict())
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    landed = {rename(k): k for k in stored}
-    model_has_base = bool(prefix) and hasattr(model, prefix) and isinstance(getattr(model, prefix), torch.nn.Module)
-    ckpt_has_base = bool(prefix) and any(k.startswith(prefix + ".") for k in stored)
-
-    def matches(key: str, patterns) -> bool:
-        return any(re.search(p, key) for p in patterns or [])
-
-    buffers = {name for name, _ in model.named_buffers()}
-    ignore_unexpected = list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
-    # as transformers: old checkpoints store buffers that models now recompute (non-persistent)
-    if any(b.endswith("rotary_emb.inv_freq") for b in buffers):
-        ignore_unexpected.append(r"rotary_emb\.inv_freq")
-    if any(b.endswith("position_ids") for b in buffers):
-        ignore_unexpected.append(r"(^|\.)position_ids$")
-    unexpected = sorted(
-        orig for new, orig in landed.items()
-        if new not in expected
-        and new not in buffers  # a non-persistent buffer's stored value: the model recomputes it
-        and not matches(orig, ignore_unexpected)
-        and not (not model_has_base and ckpt_has_base and not orig.startswith(prefix + "."))  # head of a bigger model
-    )  # fmt: skip
-    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
-    missing = sorted(
-        k for k in expected - set(landed)
-        if not (k in tied and tied[k] in landed)
-        and not matches(k, getattr(model, "_keys_to_ignore_on_load_missing", None))
-        and not (model_has_base and not ckpt_has_base and not k.startswith(prefix + "."))  # new head on a base model
-    )  # fmt: skip
-    if unexpected:
-        raise CheckpointError(
-            f"The checkpoint stores {len(unexpected)} tensor(s) this model has no place for, e.g. {unexpected[:3]}: "
-            "config.json's quantization_config does not describe these weights (e.g. symmetric/targets/ignore edited), "
-            "or the checkpoint belongs to another model. Loading would silently drop them."
-        )
-    if missing:
-        raise CheckpointError(
-            f"The checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}: they would be left "
-            "randomly initialised. The checkpoint is incomplete, or config.json's quantization_config was edited."
-        )
 
 
 def _materialized(model, name: str, tensor: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import SAFETENSORS_DTYPES, read_header, read_index, read_tensor_index, shard_paths
+from ..checkpoint import SAFETENSORS_DTYPES, check_stored_keys, loader_renaming, read_header, read_index, read_tensor_index, shard_paths
 from ..config import QUANT_METHOD, HfCompressConfig
 from ..integrity import verify_files
 
@@ -166,8 +166,6 @@ def inspect_checkpoint(
                 layer["zero_fraction"] = _zero_fraction(twin, name, found, model, original, file_of, stored_of)
             layers.append(layer)
         if verify:
-            from ..quantizer import check_stored_keys
-
             check_stored_keys(model, list(index.tensors))
     compressed = sum(layer["nbytes"] for layer in layers)
     params = sum(math.prod(layer["shape"]) for layer in layers)
@@ -188,9 +186,7 @@ def inspect_checkpoint(
 
 
 def _renamer(model_config):
-    from ..quantizer import _loader_renaming
-
-    return _loader_renaming(_skeleton(model_config))
+    return loader_renaming(_skeleton(model_config))
 
 
 def _verify_payloads(files: list[Path]) -> None:
