@@ -122,8 +122,9 @@ def inspect_checkpoint(
     stored_of = {lossless_format.original_key(k) or k: k for k in stored_bytes}
     index = read_tensor_index([str(f) for f in files], read_index(folder))
     index = lossless_format.resolve_index(index, [str(f) for f in files], bool(getattr(qconfig, "lossless", False)))
+    model = _skeleton(model_config) if qconfig is not None else None
     if qconfig is not None and verify:
-        verify_files(files, qconfig, checksums=True, rename=_renamer(model_config))
+        verify_files(files, qconfig, checksums=True, rename=loader_renaming(model))
         _verify_payloads(files)
     report: dict[str, Any] = {
         "folder": str(folder),
@@ -138,7 +139,6 @@ def inspect_checkpoint(
     layers = []
     in_layers: set[str] = set()  # model-side names of the compressed layers' tensors
     if qconfig is not None:
-        model = _skeleton(model_config)
         renamed = index.renamed_for(model)
         original = dict(zip(renamed.tensors, index.tensors)) if len(renamed.tensors) == len(index.tensors) else {}
         plan = resolve_layers(model, qconfig)
@@ -183,10 +183,6 @@ def inspect_checkpoint(
         bf16_bytes=other_bf16 + 2 * params,
     )
     return report
-
-
-def _renamer(model_config):
-    return loader_renaming(_skeleton(model_config))
 
 
 def _verify_payloads(files: list[Path]) -> None:

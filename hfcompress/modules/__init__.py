@@ -83,8 +83,7 @@ def _carry_subclass_state(dense: nn.Module, twin: CompressedModule) -> None:
     for key, value in dense.__dict__.items():
         if key not in twin.__dict__ and not key.startswith("_"):
             twin.__dict__[key] = value
-    for key in ("_non_persistent_buffers_set",):
-        getattr(twin, key).update(getattr(dense, key))
+    twin._non_persistent_buffers_set.update(dense._non_persistent_buffers_set)
     for name, buf in dense._buffers.items():
         twin._buffers.setdefault(name, buf)
     for name, param in dense._parameters.items():

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ..checkpoint import read_header
+from ..checkpoint import data_start, read_header
 from ..integrity import CHECKSUMS_KEY, checksum_metadata, tensor_record
 from ..outputs import MARKER, OutputPathError, copy_contained, is_our_folder, move_into_place, write_marker
 from .reader import INDEX_NAME, SINGLE_NAME
@@ -51,24 +51,21 @@ def _merge_safetensors(parts: list[Path], dst: Path, metadata: dict[str, str]) -
     """Concatenate safetensors files into ``dst`` by copying their data regions (no tensor is loaded); the
     checksum records of the parts are merged into the shard's metadata."""
     records: dict[str, list] = {}
-    for part in parts:
-        records.update(json.loads((read_header(part).get("__metadata__") or {}).get(CHECKSUMS_KEY, "{}")))
-    metadata = {**metadata, CHECKSUMS_KEY: json.dumps(records, sort_keys=True, separators=(",", ":"))}
-    header: dict[str, Any] = {"__metadata__": dict(metadata)}
+    tensors: dict[str, Any] = {}
     regions = []
     offset = 0
     for part in parts:
         part_header = read_header(part)  # validated: a damaged part fails here
-        with open(part, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-        part_header.pop("__metadata__", None)
+        records.update(json.loads((part_header.pop("__metadata__", None) or {}).get(CHECKSUMS_KEY, "{}")))
         end = 0
         for name, info in part_header.items():
             begin, stop = info["data_offsets"]
-            header[name] = {**info, "data_offsets": [offset + begin, offset + stop]}
+            tensors[name] = {**info, "data_offsets": [offset + begin, offset + stop]}
             end = max(end, stop)
-        regions.append((part, 8 + n, end))
+        regions.append((part, data_start(part), end))
         offset += end
+    metadata = {**metadata, CHECKSUMS_KEY: json.dumps(records, sort_keys=True, separators=(",", ":"))}
+    header: dict[str, Any] = {"__metadata__": metadata, **tensors}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     tmp = dst.with_name(dst.name + ".tmp")
