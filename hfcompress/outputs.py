@@ -33,6 +33,7 @@ MARKER = ".hfcompress-output.json"
 
 __all__ = [
     "MARKER",
+    "OutputFile",
     "OutputFolder",
     "OutputPathError",
     "check_containment",
@@ -217,6 +218,95 @@ class OutputFolder:
 
     def _swap_into_place(self) -> None:
         move_into_place(self.tmp, self.out, overwrite=self.overwrite, what=self.what, phase=self._phase)
+
+
+class OutputFile:
+    """Context manager writing one output *file* atomically, with the same promises as :class:`OutputFolder`::
+
+        with OutputFile(out, sources=[src], overwrite=False, is_ours=looks_like_ours) as tmp:
+            ...write the whole file at tmp...
+        # out is now that file
+
+    The file is written as a temporary sibling ``.<name>.tmp-<random>`` (locked while in use) and renamed onto
+    ``out``. ``overwrite=True`` replaces an existing ``out`` only when ``is_ours(out)`` says hfcompress wrote it;
+    leftovers of killed runs are removed when ``is_ours`` recognises them (or they are empty).
+    """
+
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        sources: Iterable[str | os.PathLike | None] = (),
+        *,
+        overwrite: bool = False,
+        is_ours: Callable[[Path], bool],
+        what: str = "output",
+    ) -> None:
+        self.out = Path(out)
+        self.sources = [s for s in sources if s is not None]
+        self.overwrite = bool(overwrite)
+        self.is_ours = is_ours
+        self.what = what
+        self.tmp: Path | None = None
+        self._fd: int | None = None
+        self.check()
+
+    def check(self) -> None:
+        if not self.out.name or self.out.name in (".", ".."):
+            raise OutputPathError(f"{self.what} {str(self.out)!r} does not name a file.")
+        check_containment(self.out, self.sources, self.what)
+        if not os.path.lexists(self.out):
+            return
+        if not self.overwrite:
+            raise FileExistsError(f"{self.what} {str(self.out)!r} already exists; choose another name or pass overwrite=True (CLI: --overwrite).")
+        if self.out.is_symlink() or not self.out.is_file():
+            raise OutputPathError(f"{self.what} {str(self.out)!r} is not a regular file; hfcompress replaces only files it wrote.")
+        if not self.is_ours(self.out):
+            raise OutputPathError(
+                f"{self.what} {str(self.out)!r} was not written by hfcompress; --overwrite only replaces files hfcompress "
+                "wrote. Choose another name or remove it yourself."
+            )
+
+    def _clean_leftovers(self) -> None:
+        for leftover in sorted(self.out.parent.glob(f".{self.out.name}.tmp-*")):
+            if leftover.is_symlink() or not leftover.is_file():
+                continue
+            fd = _try_lock(leftover)
+            if fd is None:
+                continue  # a live run is writing it
+            try:
+                if leftover.stat().st_size == 0 or self.is_ours(leftover):
+                    leftover.unlink()
+            finally:
+                os.close(fd)
+
+    def __enter__(self) -> Path:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self._clean_leftovers()
+        self.check()
+        fd, name = tempfile.mkstemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent)
+        self.tmp = Path(name)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.fchmod(fd, 0o666 & ~mask)  # the permissions a plain open() would give, not mkstemp's 0600
+        self._fd = fd
+        OutputFolder._phase("started")
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            if exc_type is None:
+                OutputFolder._phase("written")
+                self.check()  # nothing appeared under us since the start
+                os.replace(self.tmp, self.out)
+                OutputFolder._phase("replaced")
+        finally:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            if self.tmp is not None and self.tmp.exists():
+                self.tmp.unlink()
+        return False
 
 
 def write_marker(folder: Path, kind: str) -> Path:
