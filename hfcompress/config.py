@@ -154,6 +154,34 @@ class HfCompressConfig(QuantizationConfigMixin):
 
     # ------------------------------------------------------------------ validation
     @classmethod
+    def for_export(cls, target: str, **settings: Any) -> "HfCompressConfig":
+        """A config whose grid the export ``target`` holds bit for bit, so the model exports without re-rounding::
+
+            config = HfCompressConfig.for_export("gguf-q4_0", method="gptq")            # -> GGUF Q4_0
+            config = HfCompressConfig.for_export("compressed-tensors-w4a16", group_size=32)  # -> vLLM W4A16
+
+        Presets (:data:`hfcompress.presets.EXPORT_PRESETS`): ``gguf-q4_0``, ``gguf-q5_0``, ``gguf-q8_0`` (symmetric
+        group-32 codes, float16 scales), ``compressed-tensors-w4a16`` (group 128), ``compressed-tensors-w8a16`` and
+        ``compressed-tensors-w8a8`` (8-bit per channel); their scales are bfloat16, the dtype of most LLM checkpoints,
+        since compressed-tensors engines load scales in the model's dtype: pass ``scale_dtype="float16"`` for a float16
+        model. ``settings`` add any other config field (``method``, ``targets``, ``ignore``...) or change one; changing
+        a grid field the target fixes (``bits``, ``symmetric``, or ``group_size``/``scale_dtype`` of GGUF) is refused.
+        """
+        from .presets import EXPORT_PRESETS
+
+        if not isinstance(target, str) or target not in EXPORT_PRESETS:
+            raise ValueError(f"target={target!r} is not an export preset; use one of {sorted(EXPORT_PRESETS)}.")
+        _, grid = EXPORT_PRESETS[target]
+        fixed = ("bits", "symmetric") + (("group_size", "scale_dtype") if target.startswith("gguf-") else ())
+        for name in fixed:
+            if name in settings and settings[name] != grid[name]:
+                raise ValueError(
+                    f"{name}={settings[name]!r} contradicts the export preset {target!r}, which needs {name}={grid[name]!r} "
+                    "to export exactly; leave it out (or pick another preset)."
+                )
+        return cls(**{**grid, **settings})
+
+    @classmethod
     def loading(cls, *, verify_checksums: bool | None = None, lossless_decode: str | None = None) -> "HfCompressConfig":
         """Options for ``from_pretrained`` of a checkpoint saved by hfcompress (its ``config.json`` says how it
         is compressed; only the options given here change)::

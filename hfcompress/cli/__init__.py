@@ -1,4 +1,4 @@
-"""The ``hfcompress`` command line: compress, eval, push, card, inspect.
+"""The ``hfcompress`` command line: compress, eval, export, push, card, inspect.
 
 Every command accepts ``--json`` (one JSON object on stdout), ``--quiet`` (no progress on stderr) and
 ``--verbose`` (library warnings and tracebacks). Exit codes: 0 success, 1 failure while running,
@@ -24,6 +24,7 @@ typical session:
   hfcompress compress ./SmolLM2-135M -o smollm2-int4 --bits 4 --group-size 128
   hfcompress inspect smollm2-int4 --groups
   hfcompress eval smollm2-int4 --baseline ./SmolLM2-135M --out eval/ --write-card
+  hfcompress export smollm2-int4 -o smollm2-w4a16 --to compressed-tensors      # for vLLM
   hfcompress push smollm2-int4 my-user/SmolLM2-135M-int4
 """
 
@@ -43,7 +44,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import compress, evaluate, inspect, publish
+    from . import compress, evaluate, export, inspect, publish
 
     parser = _Parser(prog="hfcompress", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     from .. import __version__
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     compress.add_parser(sub)
     evaluate.add_parser(sub)
+    export.add_parser(sub)
     publish.add_parsers(sub)
     inspect.add_parser(sub)
     for sp in sub.choices.values():
