@@ -28,7 +28,6 @@ class Architecture:
     gguf_name: str  # gguf.MODEL_ARCH member name
     permute_qk: bool = False
     norm_plus_one: bool = False
-    head_dim_keys: bool = False  # write key_length/value_length (head_dim is not hidden/heads in general)
     softcapping: bool = False
     sliding_window: bool = False
 
@@ -37,10 +36,10 @@ ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture("LLAMA", permute_qk=True),
     "mistral": Architecture("LLAMA", permute_qk=True),
     "qwen2": Architecture("QWEN2"),
-    "qwen3": Architecture("QWEN3", head_dim_keys=True),
-    "gemma": Architecture("GEMMA", norm_plus_one=True, head_dim_keys=True),
-    "gemma2": Architecture("GEMMA2", norm_plus_one=True, head_dim_keys=True, softcapping=True, sliding_window=True),
-    "gemma3_text": Architecture("GEMMA3", norm_plus_one=True, head_dim_keys=True, sliding_window=True),
+    "qwen3": Architecture("QWEN3"),
+    "gemma": Architecture("GEMMA", norm_plus_one=True),
+    "gemma2": Architecture("GEMMA2", norm_plus_one=True, softcapping=True, sliding_window=True),
+    "gemma3_text": Architecture("GEMMA3", norm_plus_one=True, sliding_window=True),
 }
 
 
@@ -56,6 +55,13 @@ def architecture_of(config) -> Architecture:
         raise ValueError(
             f"rope_type={sorted(unsupported)[0]!r} of this {model_type} model is not exported to GGUF yet "
             "(supported: 'default', 'linear')."
+        )
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    if model_type.startswith("gemma") and scalar is not None and scalar != head_dim(config):
+        raise ValueError(
+            f"query_pre_attn_scalar={scalar} of this {model_type} model differs from its head_dim={head_dim(config)}: "
+            "llama.cpp scales attention by 1/sqrt(head_dim) (GGUF has no key for another scale), so it would run a "
+            "different model."
         )
     return ARCHITECTURES[model_type]
 
@@ -93,6 +99,7 @@ def _rope(config) -> dict[str, Any]:
 
 def write_metadata(writer, config, arch: Architecture, name: str) -> None:
     """The hyper-parameters llama.cpp reads for ``arch`` (``gguf.GGUFWriter`` keys)."""
+    writer.add_type("model")
     writer.add_name(name)
     writer.add_context_length(int(config.max_position_embeddings))
     writer.add_embedding_length(int(config.hidden_size))
@@ -108,9 +115,8 @@ def write_metadata(writer, config, arch: Architecture, name: str) -> None:
         writer.add_rope_scaling_factor(float(rope["params"]["factor"]))
     if arch.gguf_name == "LLAMA":
         writer.add_rope_dimension_count(head_dim(config))
-    if arch.head_dim_keys:
-        writer.add_key_length(head_dim(config))
-        writer.add_value_length(head_dim(config))
+    writer.add_key_length(head_dim(config))
+    writer.add_value_length(head_dim(config))
     if arch.softcapping:
         if getattr(config, "attn_logit_softcapping", None) is not None:
             writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping))

@@ -107,8 +107,18 @@ def write_vocab(writer, folder: Path, vocab_size: int) -> str:
         writer.add_token_types(types)
         kind = "gpt2"
     special = gguf.SpecialVocab(folder, load_merges=kind == "gpt2", n_vocab=max(vocab_size, len(tokens)))
+    if "bos" not in special.add_special_token:  # transformers 5 configs often leave it out: ask the tokenizer itself
+        special.add_special_token["bos"] = _adds_bos(folder)
     special.add_to_gguf(writer, quiet=True)
     return kind
+
+
+def _adds_bos(folder: Path) -> bool:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = tok("a")["input_ids"]
+    return tok.bos_token_id is not None and bool(ids) and ids[0] == tok.bos_token_id
 
 
 def _pad(tokens: list, types: list, vocab_size: int, scores: list) -> None:
