@@ -115,11 +115,14 @@ def compute_qparams(
     clip_grid: int = 20,
     clip_min_ratio: float = 0.5,
     norm: float = 2.4,
+    importance: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scales (and zero points when asymmetric) of ``w[rows, cols]``.
 
     ``clip="mse"`` shrinks each group's range by the factor in ``[clip_min_ratio, 1]`` that minimises
-    ``sum |w - Q(w)|**norm`` over the group (the search GPTQ and llm-compressor call MSE observer).
+    ``sum |w - Q(w)|**norm`` over the group (the search GPTQ and llm-compressor call MSE observer);
+    ``importance[cols]`` weights each column's error in that sum (calibrated methods pass the input's
+    second moment, the diagonal of the layer Hessian: what llama.cpp's importance matrix weights by).
     """
     w = w.float()
     xmin = group_reduce(w, group_size, "amin")
@@ -129,11 +132,12 @@ def compute_qparams(
         return scale, zero
     if clip != "mse":
         raise ValueError(f"clip={clip!r} is not supported; use 'minmax' or 'mse'.")
-    best_err = _group_error(w, scale, zero, bits, group_size, norm)
+    weight = None if importance is None else importance.float().reshape(1, -1)
+    best_err = _group_error(w, scale, zero, bits, group_size, norm, weight)
     for i in range(1, clip_grid + 1):
         ratio = 1.0 - (1.0 - clip_min_ratio) * i / clip_grid
         s, z = _qparams_from_range(xmin * ratio, xmax * ratio, bits, symmetric, scale_dtype)
-        err = _group_error(w, s, z, bits, group_size, norm)
+        err = _group_error(w, s, z, bits, group_size, norm, weight)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         scale = torch.where(better, s, scale)
@@ -142,9 +146,11 @@ def compute_qparams(
     return scale, zero
 
 
-def _group_error(w, scale, zero, bits, group_size, norm) -> torch.Tensor:
+def _group_error(w, scale, zero, bits, group_size, norm, weight=None) -> torch.Tensor:
     q = quantize(w, scale, zero, bits, group_size)
     err = (dequantize(q, scale, zero, bits, group_size) - w).abs().pow(norm)
+    if weight is not None:
+        err = err * weight
     return group_reduce(err, group_size, "sum")
 
 

@@ -85,19 +85,25 @@ def tree_hash(folder) -> str:
     return digest.hexdigest()
 
 
-@pytest.fixture(scope="module")
-def tiny_dense_dir(tmp_path_factory):
-    """A dense tiny Llama checkpoint with a byte-level tokenizer (sharded: 3 files and an index)."""
+def byte_tokenizer(texts=("a",), vocab_size: int = 256, special_tokens=(), pre=None, **kwargs):
+    """A byte-level BPE tokenizer trained on ``texts`` (the 256 byte symbols, then merges up to ``vocab_size``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre or pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=list(special_tokens))
+    tok.train_from_iterator(list(texts), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny_dense_dir(tmp_path_factory):
+    """A dense tiny Llama checkpoint with a byte-level tokenizer (sharded: 3 files and an index)."""
     from hfcompress.models import tiny_llama
 
     folder = tmp_path_factory.mktemp("attack") / "dense"
     tiny_llama().save_pretrained(folder, max_shard_size="150KB")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(["a"], trainers.BpeTrainer(vocab_size=256, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[]))
-    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
     return folder

@@ -32,14 +32,9 @@ TEXT = "Paris is the capital and largest city of France. " * 40
 
 @pytest.fixture(scope="module")
 def byte_tok():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from conftest import byte_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(["a"], trainers.BpeTrainer(vocab_size=256, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[]))
-    return PreTrainedTokenizerFast(tokenizer_object=tok)
+    return byte_tokenizer()
 
 
 @pytest.fixture(scope="module")

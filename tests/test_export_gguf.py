@@ -17,19 +17,13 @@ from hfcompress.export.gguf.vocab import pre_tokenizer_name
 from hfcompress.export.source import QuantizedLayer
 from hfcompress.outputs import OutputPathError
 
+from conftest import byte_tokenizer
+
 gguf = pytest.importorskip("gguf")
 
 
 def _byte_tokenizer(pre=None):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre or pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(["hello hello world"] * 4, trainers.BpeTrainer(vocab_size=260, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                                          special_tokens=["<|end|>"]))  # fmt: skip
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end|>")
+    return byte_tokenizer(["hello hello world"] * 4, vocab_size=260, special_tokens=["<|end|>"], pre=pre, eos_token="<|end|>")
 
 
 def _tiny(model_type: str, **kw):

@@ -12,7 +12,8 @@ on the calibration inputs. This implementation has
   group is a fixed run of ``group_size`` original columns (the packed layout is unchanged), its scale
   is fixed when its first column is reached, from the current error-compensated values of all its columns;
 * symmetric and asymmetric grids, 2..8 bits, ragged last groups, per-channel scales, optional
-  MSE-optimal clipping (``clip="mse"``), all through :mod:`hfcompress.grid`;
+  MSE-optimal clipping (``clip="mse"``: each group's range shrink minimising its error weighted by the
+  inputs' second moments ``H_jj``, as llama.cpp's importance matrix weights it), all through :mod:`hfcompress.grid`;
 * float64 arithmetic for the Hessian inverse and the error propagation;
 * a final check against round-to-nearest on the same objective: the result is never worse than RTN.
 
@@ -135,9 +136,9 @@ def quant_objective(weight: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Te
     return float(((delta @ hessian.float()) * delta).double().sum())
 
 
-def _qparams_for_columns(w_cols: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype, clip: str):
-    """Scale/zero of one group given its current columns ``[rows, n]``."""
-    scale, zero = compute_qparams(w_cols, bits, None, symmetric, scale_dtype, clip=clip)
+def _qparams_for_columns(w_cols: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.dtype, clip: str, importance=None):
+    """Scale/zero of one group given its current columns ``[rows, n]`` (and their importance ``H_jj``)."""
+    scale, zero = compute_qparams(w_cols, bits, None, symmetric, scale_dtype, clip=clip, importance=importance)
     return scale[:, 0], (zero[:, 0] if zero is not None else None)
 
 
@@ -198,7 +199,7 @@ def gptq_quantize(
     codes_t = torch.empty(cols, rows, dtype=torch.uint8)
 
     with few_threads(1):
-        _gptq_loop(wt, u, gperm, pos_of, g, block_size, bits, sym, sdtype, spec.clip, scale, zero, codes_t, ready)
+        _gptq_loop(wt, u, gperm, pos_of, g, block_size, bits, sym, sdtype, spec.clip, scale, zero, codes_t, ready, diag[perm])
     del u, wt
     codes = codes_t[pos_of].t().contiguous()
     return QuantizedWeight(codes=codes, scale=scale, zero=zero, bits=bits, group_size=gs)
@@ -218,7 +219,7 @@ def _reversed_hessian(hessian: torch.Tensor, perm: torch.Tensor, dead: torch.Ten
     return out
 
 
-def _gptq_loop(wt, u, gperm, pos_of, g, block_size, bits, sym, sdtype, clip, scale, zero, codes_t, ready) -> None:
+def _gptq_loop(wt, u, gperm, pos_of, g, block_size, bits, sym, sdtype, clip, scale, zero, codes_t, ready, importance) -> None:
     """The column loop of GPTQ on the transposed, permuted weight ``wt[cols, rows]`` (float64, in place);
     the codes of permuted column ``j`` go to ``codes_t[j]``."""
     cols, rows = wt.shape
@@ -242,7 +243,7 @@ def _gptq_loop(wt, u, gperm, pos_of, g, block_size, bits, sym, sdtype, clip, sca
                 later = members >= i2
                 if i and bool(later.any()):
                     cur[later] -= u[i1:col, members[later]].t() @ err1[:i]
-                sc, zc = _qparams_for_columns(cur.t(), bits, sym, sdtype, clip)
+                sc, zc = _qparams_for_columns(cur.t(), bits, sym, sdtype, clip, importance[members])
                 scale[:, grp] = sc
                 s_t[grp] = sc.double()
                 if zero is not None:

@@ -127,12 +127,17 @@ def _layer_tensors(layer: QuantizedLayer, dtype: torch.dtype, activations: str |
     return out, result
 
 
+def _args(bits: int, symmetric: bool, strategy: str, group: int | None, dynamic: bool) -> dict[str, Any]:
+    """One ``QuantizationArgs`` as compressed-tensors writes it; ``scale_dtype``/``zp_dtype`` are left to their
+    defaults (an explicit null zero-point dtype makes compressed-tensors 0.19 expect unpacked zero points)."""
+    return {"num_bits": bits, "type": "int", "symmetric": symmetric, "group_size": group, "strategy": strategy,
+            "block_structure": None, "dynamic": dynamic, "actorder": None,
+            "observer": None, "observer_kwargs": {}}  # fmt: skip
+
+
 def _scheme(bits: int, symmetric: bool, strategy: str, group: int | None, activations: str | None) -> dict[str, Any]:
-    weights = {"num_bits": bits, "type": "int", "symmetric": symmetric, "group_size": group, "strategy": strategy,
-               "dynamic": False}  # fmt: skip
-    acts = None
-    if activations == "int8":
-        acts = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "token", "dynamic": True}
+    weights = _args(bits, symmetric, strategy, group, False)
+    acts = _args(8, True, "token", None, True) if activations == "int8" else None
     return {"weights": weights, "input_activations": acts, "output_activations": None, "format": None}
 
 
