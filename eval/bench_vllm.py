@@ -6,7 +6,7 @@ summaries (seed ``s``), the same windows for every method. Models:
 * ``dense``: the bf16 checkpoint.
 * ``hfcompress <method> w4a16``: ``oneshot`` with ``HfCompressConfig.for_export("compressed-tensors-w4a16",
   group_size=32, method=...)``, exported with ``hfcompress.export(..., to="compressed-tensors")`` (exact).
-* ``hfcompress gptq w8a8``: ``for_export("compressed-tensors-w8a8")``, exported with ``activations="int8"``.
+* ``hfcompress <w8a8-method> w8a8``: ``for_export("compressed-tensors-w8a8")``, exported with ``activations="int8"``.
 * ``llm-compressor gptq w4a16``: llm-compressor's ``oneshot`` + ``GPTQModifier`` (int4 symmetric group 32,
   ``lm_head`` kept), saved compressed, in its own virtualenv (``--lc-python``).
 
@@ -85,6 +85,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["gptq", "blocktune"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--windows", type=int, default=4, help="windows of 2048 tokens scored by vLLM")
+    ap.add_argument("--w8a8-method", default="gptq", help="method of the W8A8 model (rtn is data-free and quick)")
     ap.add_argument("--work", type=Path)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -108,7 +109,7 @@ def main() -> None:
         windows = calibration_batches(None, tok, num_samples=128, seq_len=512, seed=seed, batch_size=10**9)[0]["input_ids"]
         wfile = work / f"windows-{seed}.pt"
         torch.save(windows, wfile)
-        jobs = [(m, "w4a16") for m in args.methods] + [("gptq", "w8a8")]
+        jobs = [(m, "w4a16") for m in args.methods] + [(args.w8a8_method, "w8a8")]
         for method, scheme in jobs:
             name = f"hfcompress {method} {scheme} seed {seed}"
             out = work / f"ours-{method}-{scheme}-{seed}"

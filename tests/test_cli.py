@@ -239,7 +239,7 @@ def test_push(local_hub, int4, tmp_path, capsys):
 def test_every_option_is_documented():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert set(sub.choices) == {"compress", "eval", "push", "card", "inspect"}
+    assert set(sub.choices) == {"compress", "eval", "export", "push", "card", "inspect"}
     for name, command in sub.choices.items():
         assert command.description, name
         for action in command._actions:
