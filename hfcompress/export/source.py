@@ -141,10 +141,7 @@ def load_source(src, folder: str | os.PathLike | None = None) -> ExportSource:
     path = Path(src)
     if not path.is_dir() or not (path / "config.json").is_file():
         raise FileNotFoundError(f"src={str(src)!r} is not a model folder (no config.json); pass a folder saved by hfcompress.")
-    import transformers
-
-    from .. import config as _registers_quantizer  # noqa: F401  (quant_method="hfcompress" must be known)
-    from ..quantizer import HfCompressQuantizer  # noqa: F401
+    import transformers  # hfcompress's import registered quant_method="hfcompress" with it
 
     cfg = transformers.AutoConfig.from_pretrained(path)
     arch = (getattr(cfg, "architectures", None) or [None])[0]
