@@ -304,3 +304,10 @@ def test_unsupported_architecture_refused(tmp_path):
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=272))
     with pytest.raises(ValueError, match="model_type='gpt2' has no GGUF export"):
         export(model, tmp_path / "m.gguf", to="gguf", tokenizer=_byte_tokenizer())
+
+
+def test_compressed_tensors_options_refused_for_gguf(tmp_path):
+    model = compress(_tiny("llama"), HfCompressConfig.for_export("gguf-q4_0"))
+    with pytest.raises(TypeError, match="dtype"):
+        export(model, tmp_path / "m.gguf", to="gguf", tokenizer=_byte_tokenizer(), dtype="float16")
+    assert not list(tmp_path.iterdir())

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..grid import scale_torch_dtype
 from ..outputs import OutputFile, OutputFolder
 from .base import ExportError, ExportReport, LayerExport
 from .source import ExportSource, load_source
@@ -32,15 +33,13 @@ TARGETS = {
     "gguf": "one GGUF file (llama.cpp)",
 }
 
-_DTYPE_NAMES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
 def _dtype(value) -> torch.dtype | None:
     if value is None or isinstance(value, torch.dtype):
         return value
-    if isinstance(value, str) and value in _DTYPE_NAMES:
-        return _DTYPE_NAMES[value]
-    raise ValueError(f"dtype={value!r} is not supported; use one of {sorted(_DTYPE_NAMES)} (or the torch dtype).")
+    try:
+        return scale_torch_dtype(value)  # the one name -> dtype table (float16, bfloat16, float32)
+    except (ValueError, TypeError):
+        raise ValueError(f"dtype={value!r} is not supported; use 'float16', 'bfloat16' or 'float32' (or the torch dtype).") from None
 
 
 def export(
@@ -96,9 +95,10 @@ def export(
 
         if output.suffix != ".gguf":
             raise ValueError(f"output={str(output)!r}: a GGUF export is one file; name it <model>.gguf.")
+        if options or dtype is not None or activations is not None:
+            extra = sorted(options) + [n for n, v in (("dtype", dtype), ("activations", activations)) if v is not None]
+            raise TypeError(f"export() options {extra} apply to to='compressed-tensors', not to='gguf'.")
         writer = OutputFile(output, sources=sources, overwrite=overwrite, is_ours=is_our_gguf, what="output")
-        if options:
-            raise TypeError(f"export() got unexpected options {sorted(options)} for to='gguf'.")
         source = load_source(src)
         with writer as tmp:
             report = export_gguf(source, tmp, tokenizer=tokenizer, gguf_type=gguf_type, dense_type=dense_type,
