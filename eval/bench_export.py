@@ -92,17 +92,18 @@ def main() -> None:
     ap.add_argument("--clip", default="minmax", choices=["minmax", "mse"], help="scale search of our grids (HfCompressConfig clip)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, help="keep the files here (default: a temporary folder)")
-    ap.add_argument("--json", type=Path, help="also write the results as JSON")
+    ap.add_argument("--json", type=Path, help="results file (default: eval/results/bench_export.json)")
     args = ap.parse_args()
 
     sys.path.insert(0, str(REPO))
     import torch
+    from common import write_results
     from transformers import AutoTokenizer
 
     from hfcompress.calibration import calibration_batches
     from hfcompress.evaluation import wikitext2_test_text
     from hfcompress.export import export
-    from hfcompress.models import real_model_path
+    from hfcompress.testing.models import real_model_path
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-export-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -167,8 +168,8 @@ def main() -> None:
         ratio = statistics.mean(vals) / ref if ref else float("nan")
         print(f"  {prefix:<28} {statistics.mean(vals):.4f} [{min(vals):.4f}, {max(vals):.4f}]   x imatrix: {ratio:.2f}")
     print("\nllama-bench tokens/s:", json.dumps(speed))
-    if args.json:
-        args.json.write_text(json.dumps({"results": results, "speed": speed}, indent=2))
+    write_results("bench_export", {"results": results, "speed": speed, "added_vs_imatrix": {
+        prefix: statistics.mean(added(prefix)) / ref for prefix in [f"hfcompress {m} q4_0" for m in args.methods]}}, args.json)
 
 
 if __name__ == "__main__":

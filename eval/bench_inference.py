@@ -46,8 +46,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import hfcompress
 from hfcompress import HfCompressConfig
 from hfcompress.evaluation import wikitext2_test_text
-from hfcompress.kernels import inference_nbytes, inference_paths, set_inference_path
-from hfcompress.models import real_model_path, smollm2_gguf_path
+from hfcompress.inference import inference_nbytes, inference_paths, set_inference_path
+from hfcompress.testing.models import real_model_path, smollm2_gguf_path
 from hfcompress.modules import compressed_modules
 
 PROMPT = "The capital of France is"

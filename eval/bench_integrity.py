@@ -26,7 +26,7 @@ from hfcompress import HfCompressConfig, convert_checkpoint, quantizer
 from hfcompress.checkpoint import shard_paths
 from hfcompress.integrity import verify_files
 from hfcompress.lossless.coder import DECODER, crc32
-from hfcompress.models import real_model_path
+from hfcompress.testing.models import real_model_path
 
 
 _SPENT: list[float] = []

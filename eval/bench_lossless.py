@@ -43,7 +43,7 @@ from hfcompress.formats.lossless import encode_one
 from hfcompress.lossless import DECODER, decode_tensor, encode_tensor
 from hfcompress.lossless.coder import order0_entropy_bits
 from hfcompress.lossless.planes import as_uint_array, split
-from hfcompress.models import real_model_path
+from hfcompress.testing.models import real_model_path
 
 CHUNK_BYTES = 1 << 19  # 512 KiB = the codec's default 256 Ki bf16 elements per chunk
 
@@ -146,11 +146,11 @@ def folder_tensor_bytes(folder: Path) -> int:
 def converter_peak_rss(src: Path, dst: Path, dtype: str | None) -> tuple[float, float]:
     """Peak RSS (MB, VmHWM) of the streaming converter in a fresh process, and of a process that only imports it."""
     hwm = "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])"
-    run = f"import sys; from hfcompress.convert import main; main(sys.argv[1:]); {hwm}"
-    args = [str(src), str(dst)] + (["--dtype", dtype] if dtype else [])
+    run = f"import sys; from hfcompress.cli import main; main(sys.argv[1:]); {hwm}"
+    args = ["convert", str(src), "-o", str(dst), "--quiet"] + (["--dtype", dtype] if dtype else [])
     peak = subprocess.run([sys.executable, "-c", run, *args], capture_output=True, text=True, check=True).stdout.split()[-1]
     base = subprocess.run(
-        [sys.executable, "-c", f"import hfcompress.convert; {hwm}"], capture_output=True, text=True, check=True
+        [sys.executable, "-c", f"import hfcompress.cli, hfcompress.convert; {hwm}"], capture_output=True, text=True, check=True
     ).stdout.split()[-1]
     return float(peak) / 1024, float(base) / 1024
 

@@ -22,14 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from common import REPO, cpu_seconds, peak_rss_bytes, spawn, write_results  # noqa: E402  (eval/ is on sys.path)
 
 #: llm-compressor 0.14 on this machine type, as reported in the issue (used when it is not run here)
 LC_REFERENCE = {
@@ -41,16 +39,6 @@ LC_REFERENCE = {
 DEFAULT_CONFIGS = ["dense", "rtn:4", "gptq:4", "quantease:4", "blocktune:4", "rtn:3", "gptq:3", "quantease:3", "blocktune:3"]
 
 
-def _peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
-
-
-def _cpu_seconds() -> float:
-    """CPU time of this process (all threads): on a shared machine, closer to what the work costs alone."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 # ---------------------------------------------------------------------- hfcompress worker
 def run_hfcompress(spec: dict) -> dict:
     import torch
@@ -59,7 +47,7 @@ def run_hfcompress(spec: dict) -> dict:
     sys.path.insert(0, str(REPO))
     import hfcompress
     from hfcompress.evaluation import perplexity, wikitext2_test_text
-    from hfcompress.models import real_model_path
+    from hfcompress.testing.models import real_model_path
 
     path = real_model_path("smollm2")
     tok = AutoTokenizer.from_pretrained(path)
@@ -71,12 +59,12 @@ def run_hfcompress(spec: dict) -> dict:
         config = hfcompress.HfCompressConfig(
             method=spec["method"], bits=spec["bits"], group_size=spec["group_size"], symmetric=True
         )
-        cpu0, start = _cpu_seconds(), time.perf_counter()
+        cpu0, start = cpu_seconds(), time.perf_counter()
         hfcompress.oneshot(model, config, windows, batch_size=spec["batch_size"], show_progress=False)
-        seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu0
+        seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu0
     else:
         cpu = 0.0
-    rss = _peak_rss_gb()
+    rss = peak_rss_bytes() / 2**30
     model.to(torch.float32)  # compressed tensors keep their stored dtypes; bf16 weights upcast exactly
     ppl = perplexity(model, tok, wikitext2_test_text(), seq_len=2048, max_windows=spec["windows_eval"])
     return {"ppl": ppl, "seconds": seconds, "cpu_s": cpu, "rss_gb": rss}
@@ -110,7 +98,7 @@ if spec["method"] != "dense":
     oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=windows.shape[1],
             num_calibration_samples=windows.shape[0], shuffle_calibration_samples=False)
     seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu0
-rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+rss = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024**2  # VmHWM: ru_maxrss would count the parent's peak
 text = open(spec["wikitext"], encoding="utf-8").read()
 ids = tok(text, return_tensors="pt").input_ids[0]
 nll, count = 0.0, 0
@@ -122,14 +110,6 @@ with torch.no_grad():
         count += 2047
 print("RESULT " + json.dumps({"ppl": math.exp(nll / count), "seconds": seconds, "cpu_s": cpu, "rss_gb": rss}), flush=True)
 '''
-
-
-def _spawn(cmd: list[str], env: dict | None = None) -> dict:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    raise RuntimeError(f"worker failed ({' '.join(cmd[:3])} ...):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
 
 
 def _parse(config: str, group_size: int) -> dict:
@@ -154,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--lc-python", default=None, help="python of a venv with llmcompressor installed")
     ap.add_argument("--lc-configs", nargs="*", default=["gptq:4", "gptq:3", "rtn:4"])
-    ap.add_argument("--json", default=None, help="also write the results to this file")
+    ap.add_argument("--json", default=None, help="results file (default: eval/results/bench_quant.json)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -168,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, str(REPO))
     from hfcompress.calibration import calibration_batches
     from hfcompress.evaluation import wikitext2_test_text
-    from hfcompress.models import real_model_path
+    from hfcompress.testing.models import real_model_path
 
     path = real_model_path("smollm2")
     tok = AutoTokenizer.from_pretrained(path)
@@ -188,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     ours: dict[str, dict] = {}
     for config in args.configs:
         spec = {**_parse(config, args.group_size), **common}
-        ours[config] = _spawn([sys.executable, __file__, "--worker", json.dumps(spec)])
+        ours[config] = spawn([sys.executable, __file__, "--worker", json.dumps(spec)])
         r = ours[config]
         print(f"  hfcompress {config:14s} ppl {r['ppl']:8.3f}  {r['seconds']:7.1f} s ({r['cpu_s']:.0f} CPU s)  {r['rss_gb']:.2f} GB", flush=True)
 
@@ -201,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         for config in args.lc_configs:
             spec = {**_parse(config, args.group_size), **common, "model": str(path), "wikitext": str(wikitext_file)}
-            lc[config] = _spawn([args.lc_python, str(script), json.dumps(spec)], env=env)
+            lc[config] = spawn([args.lc_python, str(script), json.dumps(spec)], env=env)
             r = lc[config]
             print(f"  llm-compressor {config:10s} ppl {r['ppl']:8.3f}  {r['seconds']:7.1f} s ({r['cpu_s']:.0f} CPU s)  {r['rss_gb']:.2f} GB", flush=True)
     else:
@@ -244,8 +224,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{fmt(time_ratio, 7, 2)} {fmt(cpu_ratio, 6, 2)} {fmt(rss_ratio, 6, 2)}"
             )
         print(line)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"ours": ours, "lc": lc, "lc_label": lc_label, "args": vars(args)}, indent=2))
+    write_results("bench_quant", {"ours": ours, "lc": lc, "lc_label": lc_label, "args": vars(args)}, args.json)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from common import peak_rss_bytes, write_results  # noqa: E402  (eval/ is on sys.path)
 from hfcompress import HfCompressConfig
 
 W4 = dict(bits=4, group_size=64)
@@ -58,7 +58,7 @@ def run_llmcompressor(args) -> list[dict]:
 
     from hfcompress.calibration.data import calibration_batches
     from hfcompress.evaluation import wikitext2_test_text
-    from hfcompress.models import real_model_path
+    from hfcompress.testing.models import real_model_path
 
     src = real_model_path("smollm2")
     tok = AutoTokenizer.from_pretrained(src)
@@ -91,7 +91,7 @@ def disk_bytes(folder) -> int:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_bytes() / 2**20
 
 
 def run_one(name: str, args) -> dict:
@@ -100,7 +100,7 @@ def run_one(name: str, args) -> dict:
 
     from hfcompress import compression_report, oneshot
     from hfcompress.evaluation import perplexity, wikitext2_test_text
-    from hfcompress.models import real_model_path
+    from hfcompress.testing.models import real_model_path
 
     torch.set_num_threads(args.threads)
     src = real_model_path("smollm2")
@@ -175,8 +175,10 @@ def main() -> None:
         )
     if not args.lc_python:
         print("\nllm-compressor: not run (pass --lc-python /path/to/its/venv/bin/python; it pins an older transformers).")
+        write_results("bench_sparsity", {"dense_ppl": dense, "ours": rows, "llm-compressor": None})
         return
     lc_rows = run_llmcompressor(args)
+    write_results("bench_sparsity", {"dense_ppl": dense, "ours": rows, "llm-compressor": lc_rows})
     ours = {r["config"]: r for r in rows}
     print(f"\nllm-compressor 0.14 on the same windows ({args.threads} threads); ratios are ours / theirs")
     print(f"{'config':24s} {'LC ppl':>8s} {'LC x dense':>10s} {'LC time s':>10s} {'LC RSS MB':>10s} {'ppl ratio':>10s} {'time ratio':>10s}")

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hfcompress import HfCompressConfig
 from hfcompress.evaluation import perplexity, wikitext2_test_text
-from hfcompress.models import real_model_path
+from hfcompress.testing.models import real_model_path
 
 CONFIGS = {
     "RTN W4 g128 sym": HfCompressConfig(bits=4, group_size=128),

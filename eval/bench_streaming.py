@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, write_results  # noqa: E402  (eval/ is on sys.path)
 GB = 1e9
 
 
@@ -92,7 +91,7 @@ def build_checkpoint(path: Path, layers: int, hidden: int, inter: int, vocab: in
 
 WORKER = textwrap.dedent(
     """
-    import json, resource, sys, time, torch
+    import json, sys, time, torch
     import hfcompress
     from hfcompress import HfCompressConfig
     from hfcompress.streaming import compress_checkpoint
@@ -108,11 +107,9 @@ WORKER = textwrap.dedent(
         compress_checkpoint(src, out, HfCompressConfig(method="gptq", bits=4, group_size=128), ids,
                             batch_size=1, dtype=torch.float32, show_progress=False)
     wall = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    try:  # VmHWM: this process image's own peak; ru_maxrss also counts the parent's peak before exec
-        peak = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
-    except (OSError, StopIteration):
-        pass
+    from common import peak_rss_bytes  # VmHWM: this process image's own peak (ru_maxrss counts the parent's)
+
+    peak = peak_rss_bytes()
     if hfcompress.distributed.rank() == 0:
         print("RESULT " + json.dumps({"wall_s": wall, "peak_rss": peak}))
     """
@@ -120,7 +117,7 @@ WORKER = textwrap.dedent(
 
 
 def run_worker(script: Path, mode: str, src: Path, out: Path, samples: int, seq_len: int, nproc: int = 1) -> dict:
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "TRANSFORMERS_VERBOSITY": "error"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "eval"), os.environ.get("PYTHONPATH", "")]), "TRANSFORMERS_VERBOSITY": "error"}
     args = [str(script), mode, str(src), str(out), str(samples), str(seq_len)]
     if nproc > 1:
         env["OMP_NUM_THREADS"] = "1"
@@ -196,6 +193,7 @@ def main() -> None:
         print(f"checkpoint: {args.layers} blocks, {params / 1e9:.2f} B params, {size / GB:.2f} GB bf16 "
               f"(written in {time.perf_counter() - t:.0f} s)")  # fmt: skip
         base = run_worker(script, "import", src, work / "none", 0, 0)
+        record = {"checkpoint_bytes": size, "blocks": args.layers, "import_only_peak_rss": base["peak_rss"], "runs": []}
         print(f"import-only worker peak RSS: {base['peak_rss'] / GB:.2f} GB")
         runs = [("rtn", 2, src, args.layers)]
         if not args.skip_gptq:  # same block shapes, fewer blocks: the memory bound does not depend on their number
@@ -219,6 +217,8 @@ def main() -> None:
                 f"{acts / GB:.3f} GB + 1 GB = {target / GB:.2f} GB -> {'OK' if r['peak_rss'] <= target else 'OVER'}; "
                 f"output {out_size / GB:.2f} GB"
             )
+            record["runs"].append({"mode": mode, "blocks": nblocks, "checkpoint_bytes": nbytes, **r, "target_bytes": target,
+                                   "within_target": r["peak_rss"] <= target, "output_bytes": out_size})  # fmt: skip
             shutil.rmtree(out, ignore_errors=True)
             if mode == "gptq":
                 shutil.rmtree(path, ignore_errors=True)
@@ -236,6 +236,9 @@ def main() -> None:
             f"max |W1 - W2| / max |W1| = {worst:.2e}, weights that differ: {100 * frac:.4f}%"
         )
         print(f"load average: {os.getloadavg()[0]:.1f}")
+        record["data_parallel"] = {"one_process": one, "two_processes": two, "max_rel_diff": worst, "fraction_differing": frac}
+        record["load_average"] = os.getloadavg()[0]
+        write_results("bench_streaming", record)
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

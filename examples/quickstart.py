@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import hfcompress
 from hfcompress import HfCompressConfig
 from hfcompress.evaluation import perplexity, wikitext2_test_text
-from hfcompress.models import real_model_path
+from hfcompress.testing.models import real_model_path
 
 
 def folder_bytes(folder: Path) -> int:

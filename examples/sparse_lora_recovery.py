@@ -32,7 +32,7 @@ from hfcompress import HfCompressConfig, oneshot
 from hfcompress import peft as hpeft
 from hfcompress.calibration.data import text_windows, wikipedia_summaries
 from hfcompress.evaluation import perplexity, wikitext2_test_text
-from hfcompress.models import real_model_path
+from hfcompress.testing.models import real_model_path
 
 
 def main() -> None:

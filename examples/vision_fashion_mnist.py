@@ -33,7 +33,8 @@ import hfcompress
 from hfcompress import HfCompressConfig
 from hfcompress.harness import ImageClassificationTask
 from hfcompress.report import compression_report
-from hfcompress.vision import fashion_mnist_available, fashion_mnist_dataset, fashion_mnist_model_path
+from hfcompress.testing.fashion_mnist import fashion_mnist_model_path
+from hfcompress.vision import fashion_mnist_available, fashion_mnist_dataset
 
 TARGETS = ["Linear", "Conv2d"]
 #: (label, config, max accuracy drop in points or None when no target is set)

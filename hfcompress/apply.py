@@ -12,7 +12,7 @@ from .modules import CompressedModule, compressed_twin, set_submodule
 
 def mark_compressed(model: nn.Module, config: HfCompressConfig) -> None:
     """Attach ``config`` and its quantizer so ``save_pretrained``/``push_to_hub`` write the compressed format."""
-    from .quantizer import HfCompressQuantizer
+    from .quantizer import HfCompressQuantizer, enable_push_with_card
 
     model.config.quantization_config = config
     model.hf_quantizer = HfCompressQuantizer(config, pre_quantized=True)
@@ -23,8 +23,6 @@ def mark_compressed(model: nn.Module, config: HfCompressConfig) -> None:
         if cfg is not None and hasattr(cfg, "to_dict"):
             cfg._is_quantized = True
     if hasattr(model, "push_to_hub"):
-        from .hub import enable_push_with_card
-
         enable_push_with_card(model)  # model.push_to_hub uploads the hfcompress model card too
 
 
@@ -61,7 +59,7 @@ def compress(model: nn.Module, config: HfCompressConfig) -> nn.Module:
     already = [n for n, m in model.named_modules() if isinstance(m, CompressedModule)]
     if already:
         raise ValueError(f"The model is already compressed ({len(already)} modules, e.g. {already[0]!r}); reload the dense model.")
-    from .sparsity.allocation import allocated_config
+    from .plan.allocation import allocated_config
 
     config, plan = allocated_config(model, config)  # per-layer sparsity (global/LAMP) pinned in overrides
     twins = {}

@@ -14,7 +14,7 @@ from .spec import LayerSpec
 
 QUANT_METHOD = "hfcompress"
 SUPPORTED_MODULE_TYPES = ("Linear", "Conv2d", "Embedding")
-#: values of ``HfCompressConfig.lossless_decode`` (see :mod:`hfcompress.lossless.lazy`)
+#: values of ``HfCompressConfig.lossless_decode`` (see :mod:`hfcompress.storage.lazy`)
 LOSSLESS_DECODE_MODES = ("load", "lazy", "first_forward")
 
 
@@ -90,7 +90,7 @@ class HfCompressConfig(QuantizationConfigMixin):
             and keeps them (fast start, and modules that never run never cost their decoded size). A loading
             attribute: passing ``quantization_config=HfCompressConfig(lossless=True, lossless_decode="lazy")``
             to ``from_pretrained`` of a saved checkpoint overrides the saved choice. See
-            :mod:`hfcompress.lossless.lazy`.
+            :mod:`hfcompress.storage.lazy`.
 
     Loading a saved checkpoint needs no config (its ``config.json`` holds it); options for that load come from
     :meth:`HfCompressConfig.loading`, e.g. ``from_pretrained(path, quantization_config=HfCompressConfig.loading(

@@ -11,12 +11,11 @@ config, sentence-transformers folders, ...) is copied. The result reloads with p
 The output folder is written under a temporary name next to ``dst`` and renamed into place at the end,
 so an interrupted or failed conversion never leaves a folder that looks finished.
 
-Command line: ``python -m hfcompress.convert SRC DST [--dtype bfloat16] [--overwrite]``.
+Command line: ``hfcompress convert SRC -o DST [--dtype bfloat16] [--overwrite]`` (:mod:`hfcompress.cli.convert`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ from .outputs import OutputFolder, copy_contained
 from .config import QUANT_METHOD, HfCompressConfig
 from .formats import lossless as fmt
 from .lossless import codec
-from .lossless.loader import METADATA_KEY
+from .storage.loader import METADATA_KEY
 
 _CAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -208,24 +207,3 @@ def convert_checkpoint(
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         copy_contained(src, tmp, skip=set(shards) | {INDEX_NAME, "config.json"})
     return dst
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m hfcompress.convert", description="Write the lossless (bit-exact, entropy-coded) twin of a checkpoint."
-    )
-    parser.add_argument("src", help="Hugging Face model folder with safetensors weights")
-    parser.add_argument("dst", help="folder to create")
-    parser.add_argument("--dtype", choices=sorted(_CAST_DTYPES), help="cast floating tensors first (not lossless)")
-    parser.add_argument("--overwrite", action="store_true", help="replace dst if it exists")
-    parser.add_argument("--threads", type=int, default=None, help="coding threads (default: all CPUs)")
-    args = parser.parse_args(argv)
-    out = convert_checkpoint(args.src, args.dst, dtype=args.dtype, threads=args.threads, overwrite=args.overwrite)
-    summary = fmt.lossless_files_summary(out)
-    before = summary["decoded_bytes"] + summary["plain_bytes"]
-    after = summary["coded_bytes"] + summary["plain_bytes"]
-    print(f"{out}: {summary['coded_tensors']} tensors coded, {after / 2**20:.1f} MiB of tensors ({100 * after / max(before, 1):.2f}% of {before / 2**20:.1f} MiB)")
-
-
-if __name__ == "__main__":
-    main()

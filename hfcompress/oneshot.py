@@ -13,7 +13,6 @@ layer-by-layer pipeline in :mod:`hfcompress.calibration.pipeline`.
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Any
 
@@ -27,60 +26,11 @@ from .calibration.pipeline import LayerResult, run_calibration
 from .config import HfCompressConfig
 from .modules import CompressedModule
 from .spec import LayerSpec
-from .targets import resolve_layers
+from .plan import config_with_layer_specs
 
 logger = logging.getLogger("hfcompress.calibration")
 
-__all__ = ["oneshot", "config_with_layer_specs"]
-
-
-def config_with_layer_specs(
-    model: nn.Module, config: HfCompressConfig, layer_specs: dict[str, LayerSpec] | None
-) -> tuple[HfCompressConfig, dict[str, LayerSpec]]:
-    """A copy of ``config`` whose ``overrides`` pin the given per-module specs, and the resulting plan.
-
-    Each module whose spec differs from what ``config`` gives it gets an exact-name override entry
-    (placed first, so it wins), so the saved ``quantization_config`` reproduces every module's spec on
-    reload. Used for non-uniform allocations such as OWL's per-layer sparsity.
-    """
-    plan = resolve_layers(model, config)
-    if not layer_specs:
-        return config, plan
-    if not isinstance(layer_specs, dict):
-        raise TypeError(f"layer_specs must be a dict {{module name: LayerSpec}}, got {type(layer_specs).__name__}.")
-    method = get_method(config.method)
-    default = config.default_spec()
-    entries = []
-    for name, spec in layer_specs.items():
-        if name not in plan:
-            close = [n for n in plan if n.endswith(str(name))][:3]
-            raise ValueError(
-                f"layer_specs key {name!r} is not a module the config compresses"
-                + (f"; did you mean {close}?" if close else "; use full module names such as those of resolve_layers().")
-            )
-        if not isinstance(spec, LayerSpec):
-            raise TypeError(f"layer_specs[{name!r}] must be a LayerSpec, got {type(spec).__name__}.")
-        if spec.quantized and not method.quantizes:
-            raise ValueError(f"layer_specs[{name!r}] sets bits={spec.bits} but method={config.method!r} does not quantize.")
-        if spec.sparse and not method.prunes:
-            raise ValueError(f"layer_specs[{name!r}] asks for sparsity but method={config.method!r} does not prune.")
-        if not (spec.quantized or spec.sparse):
-            raise ValueError(f"layer_specs[{name!r}] compresses nothing; set bits and/or sparsity.")
-        if spec == plan[name]:
-            continue
-        changed = {k: v for k, v in spec.to_dict().items() if v != getattr(default, k)}
-        entries.append({"targets": [f"re:^{re.escape(name)}$"], **changed})
-    if not entries:
-        return config, plan
-    values = config.to_dict()
-    values.pop("quant_method", None)
-    values["overrides"] = entries + list(config.overrides)
-    new_config = HfCompressConfig(**values)
-    new_plan = resolve_layers(model, new_config)
-    for name, spec in layer_specs.items():
-        if new_plan[name] != spec:  # pragma: no cover - guards the override mechanism itself
-            raise RuntimeError(f"Could not pin the spec of {name!r} through config overrides.")
-    return new_config, new_plan
+__all__ = ["oneshot"]
 
 
 def _load_tokenizer(model: nn.Module):
@@ -224,7 +174,7 @@ def oneshot(
     check_token_ids(batches, model)
     device = _input_device(model)
     batches = [{k: v.to(device) for k, v in batch.items()} for batch in batches]
-    from .sparsity.allocation import allocated_config
+    from .plan.allocation import allocated_config
 
     # non-uniform per-layer sparsity (OWL needs the dense model's activations): pinned in config.overrides
     config, plan = allocated_config(model, config, plan, batches, layer_specs)

@@ -43,6 +43,7 @@ __all__ = [
     "is_our_folder",
     "marker_info",
     "move_into_place",
+    "write_file_atomic",
     "write_marker",
 ]
 
@@ -286,9 +287,7 @@ class OutputFile:
         fd, name = tempfile.mkstemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent)
         self.tmp = Path(name)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.fchmod(fd, 0o666 & ~mask)  # the permissions a plain open() would give, not mkstemp's 0600
+        os.fchmod(fd, 0o666 & ~_umask())  # the permissions a plain open() would give, not mkstemp's 0600
         self._fd = fd
         OutputFolder._phase("started")
         return self.tmp
@@ -307,6 +306,43 @@ class OutputFile:
             if self.tmp is not None and self.tmp.exists():
                 self.tmp.unlink()
         return False
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_file_atomic(path: str | os.PathLike, content: str | bytes | Callable[[Path], None]) -> Path:
+    """Write one small file inside a folder being written (a JSON record, a card, a policy) atomically.
+
+    ``content`` is text (UTF-8, written as is), bytes, or a function writing the file at the path it is given
+    (``torch.save``, ``safetensors.torch.save_file``, ``fig.savefig``). It goes to a unique temporary sibling
+    ``.<name>.<random>.tmp`` that is renamed over ``path`` once complete, so readers see the old file or the new
+    one, never a part; the temporary file is removed if writing fails. For whole outputs, and files that must
+    not replace someone else's, use :class:`OutputFolder` / :class:`OutputFile`.
+    """
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # the permissions a plain open() would give, not mkstemp's 0600
+        if callable(content):
+            os.close(fd)
+            fd = -1
+            content(tmp)
+        else:
+            with os.fdopen(fd, "wb") as f:
+                fd = -1
+                f.write(content.encode("utf-8") if isinstance(content, str) else content)
+        os.replace(tmp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def write_marker(folder: Path, kind: str) -> Path:

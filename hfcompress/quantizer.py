@@ -14,13 +14,15 @@ With ``lossless=True`` both paths add a storage stage (:mod:`hfcompress.formats.
 every tensor worth it as ``<name>_lossless``, and loading decodes those payloads back to the exact tensors
 through a loader converter, before they reach the model (or, with ``lossless_decode="lazy"`` or
 ``"first_forward"``, keeps plain modules' payloads coded and decodes them at forward time,
-:mod:`hfcompress.lossless.lazy`). Damaged payloads are collected while loading and raised afterwards as
+:mod:`hfcompress.storage.lazy`). Damaged payloads are collected while loading and raised afterwards as
 one :class:`~hfcompress.lossless.LosslessFormatError` naming the tensors.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+import types
 import warnings
 from typing import Any
 
@@ -32,12 +34,12 @@ from transformers.quantizers.base import HfQuantizer
 from .checkpoint import INDEX_NAME, CheckpointError, check_stored_keys, loader_renaming, plain_file_name, read_index, read_tensor_index
 from .integrity import checksum_metadata, tensor_record, verify_files
 from .formats import lossless as lossless_format
-from .lossless.loader import METADATA_KEY as LOSSLESS_METADATA_KEY
-from .lossless.lazy import defer
-from .lossless.loader import LoadSession, drop_lossless_conversions, lossless_converter, lossless_state_dict
+from .storage.loader import METADATA_KEY as LOSSLESS_METADATA_KEY
+from .storage.lazy import defer
+from .storage.loader import LoadSession, drop_lossless_conversions, lossless_converter, lossless_state_dict
 from .config import QUANT_METHOD, HfCompressConfig
 from .modules import CompressedModule, compressed_modules, compressed_twin, set_submodule
-from .targets import resolve_layers
+from .plan.targets import resolve_layers
 
 
 class CompressOnLoad(ConversionOps):
@@ -88,7 +90,7 @@ class HfCompressQuantizer(HfQuantizer):
                 f"method={config.method!r} needs calibration data and cannot run inside from_pretrained. Load the "
                 "dense model, then call hfcompress.oneshot(model, config, dataset=...)."
             )
-        from .sparsity.allocation import allocation_pending
+        from .plan.allocation import allocation_pending
 
         if not self.pre_quantized and allocation_pending(config):
             raise ValueError(
@@ -161,8 +163,6 @@ class HfCompressQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
         validate_loaded(model)
-        from .hub import enable_push_with_card
-
         enable_push_with_card(model)  # model.push_to_hub uploads the hfcompress model card too
         drop_lossless_conversions(model)
         session = getattr(self, "_lossless_session", None)
@@ -255,3 +255,23 @@ def _materialized(model, name: str, tensor: torch.Tensor) -> torch.Tensor:
     from transformers.modeling_utils import load_offloaded_parameter
 
     return load_offloaded_parameter(model, name)
+
+
+def enable_push_with_card(model):
+    """Make ``model.push_to_hub(repo_id, ...)`` upload the compressed weights, config *and* the hfcompress card.
+
+    transformers' ``push_to_hub`` saves the weights and then writes a generic README; this replaces the method
+    on this model instance (same signature) with :func:`hfcompress.hub.push.push_with_card`. The Hub layer is
+    imported only when the method is called, so loading a model never loads card or upload code. Idempotent;
+    returns the model.
+    """
+    if getattr(model, "_hfcompress_push_with_card", False):
+        return model
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """Upload this compressed model with its hfcompress model card (see ``hfcompress.hub.push_to_hub``)."""
+        return importlib.import_module("hfcompress.hub.push").push_with_card(self, repo_id, **kwargs)
+
+    model.push_to_hub = types.MethodType(push_to_hub, model)
+    model._hfcompress_push_with_card = True
+    return model

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from .config import QUANT_METHOD, HfCompressConfig
+from .outputs import write_file_atomic
 
 __all__ = ["config_from_recipe", "load_recipe", "recipe_from_config", "recipe_to_yaml", "save_recipe"]
 
@@ -77,7 +78,4 @@ def save_recipe(config: HfCompressConfig, path: str | os.PathLike) -> Path:
     """Write ``config`` as a YAML recipe (atomically) and return the path."""
     path = Path(path)
     text = recipe_to_yaml(config)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_file_atomic(path, text)

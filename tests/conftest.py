@@ -20,7 +20,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture(scope="session")
 def smollm2_path():
-    from hfcompress.models import real_model_path
+    from hfcompress.testing.models import real_model_path
 
     pytest.importorskip("gguf", reason="the real SmolLM2 checkpoint is built with the gguf package (pip install -e '.[dev]')")
     return real_model_path("smollm2")
@@ -28,7 +28,7 @@ def smollm2_path():
 
 @pytest.fixture(scope="session")
 def minilm_path():
-    from hfcompress.models import real_model_path
+    from hfcompress.testing.models import real_model_path
 
     return real_model_path("minilm")
 
@@ -45,7 +45,7 @@ def wikitext_text():
 @pytest.fixture(scope="module")
 def dense_dir(tmp_path_factory):
     """A tiny bf16 Llama checkpoint (a test module may define its own ``dense_dir`` instead)."""
-    from hfcompress.models import tiny_llama
+    from hfcompress.testing.models import tiny_llama
 
     path = tmp_path_factory.mktemp("dense") / "bf16"
     tiny_llama(hidden_size=128, intermediate_size=256).to(torch.bfloat16).save_pretrained(path)
@@ -101,7 +101,7 @@ def byte_tokenizer(texts=("a",), vocab_size: int = 256, special_tokens=(), pre=N
 @pytest.fixture(scope="module")
 def tiny_dense_dir(tmp_path_factory):
     """A dense tiny Llama checkpoint with a byte-level tokenizer (sharded: 3 files and an index)."""
-    from hfcompress.models import tiny_llama
+    from hfcompress.testing.models import tiny_llama
 
     folder = tmp_path_factory.mktemp("attack") / "dense"
     tiny_llama().save_pretrained(folder, max_shard_size="150KB")

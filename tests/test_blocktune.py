@@ -7,9 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hfcompress import HfCompressConfig, oneshot
-from hfcompress.algorithms.block_tune import BlockTuneOptions
+from hfcompress.algorithms.blocktune import BlockTuneOptions
 from hfcompress.calibration.blocks import capture_block_inputs, find_blocks
-from hfcompress.models import tiny_llama
+from hfcompress.testing.models import tiny_llama
 from hfcompress.streaming import compress_checkpoint
 
 TUNE = {"tune_samples": 8, "tune_batch_size": 2}
@@ -143,7 +143,7 @@ def test_bert_encoder_with_mixed_masks_and_a_pooler_after_the_blocks():
 def test_vit_with_a_conv_stem_before_the_blocks(tmp_path):
     from transformers import AutoModelForImageClassification
 
-    from hfcompress.models import tiny_vit
+    from hfcompress.testing.models import tiny_vit
 
     pixels = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     cfg = dict(bits=3, group_size=16, targets=["Linear", "Conv2d"], ignore=["classifier"])

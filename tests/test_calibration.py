@@ -16,7 +16,7 @@ from hfcompress.algorithms import Method, get_method, register_method
 from hfcompress.algorithms.rtn import rtn_compress
 from hfcompress.calibration import LayerStats, StatsCollector, calibration_batches, layer_inputs_2d, text_windows
 from hfcompress.calibration.blocks import find_blocks
-from hfcompress.models import tiny_llama, tiny_vit
+from hfcompress.testing.models import tiny_llama, tiny_vit
 
 # ---------------------------------------------------------------------- helpers
 

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from hfcompress.models import real_model_path
+    from hfcompress.testing.models import real_model_path
 
     path = real_model_path("smollm2")
     return path, AutoTokenizer.from_pretrained(path)

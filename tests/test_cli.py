@@ -18,8 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from hfcompress import HfCompressConfig, compress, compressed_modules
 from hfcompress.cli import build_parser, main
 from hfcompress.evaluation import perplexity
-from hfcompress.hub import inspect_checkpoint
-from hfcompress.models import tiny_llama
+from hfcompress.inspection import inspect_checkpoint
+from hfcompress.testing.models import tiny_llama
 
 TEXT = (
     "The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest structure in "
@@ -239,7 +239,7 @@ def test_push(local_hub, int4, tmp_path, capsys):
 def test_every_option_is_documented():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert set(sub.choices) == {"compress", "eval", "export", "push", "card", "inspect"}
+    assert set(sub.choices) == {"compress", "convert", "eval", "export", "push", "card", "inspect"}
     for name, command in sub.choices.items():
         assert command.description, name
         for action in command._actions:

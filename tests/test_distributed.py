@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from hfcompress import HfCompressConfig, distributed
 from hfcompress.calibration.stats import LayerSums, StatsCollector, reducing
-from hfcompress.models import tiny_llama
+from hfcompress.testing.models import tiny_llama
 from hfcompress.modules import compressed_modules
 from hfcompress.streaming import compress_checkpoint
 

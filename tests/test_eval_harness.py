@@ -25,7 +25,7 @@ from hfcompress.harness import (
     model_bytes,
     write_report,
 )
-from hfcompress.models import tiny_llama, tiny_vit
+from hfcompress.testing.models import tiny_llama, tiny_vit
 
 TEXT = "Paris is the capital and largest city of France. " * 40
 

@@ -9,7 +9,7 @@ import torch
 
 from hfcompress import HfCompressConfig, compress, save_compressed
 from hfcompress.cli import main
-from hfcompress.models import tiny_llama
+from hfcompress.testing.models import tiny_llama
 
 from test_export_compressed_tensors import _byte_tokenizer
 

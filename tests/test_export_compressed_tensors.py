@@ -13,7 +13,7 @@ import hfcompress
 from hfcompress import HfCompressConfig, compress, save_compressed
 from hfcompress.export import ExportError, export
 from hfcompress.export.compressed_tensors import pack_int32
-from hfcompress.models import tiny_llama
+from hfcompress.testing.models import tiny_llama
 
 from conftest import byte_tokenizer, tree_hash
 

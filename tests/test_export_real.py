@@ -15,7 +15,7 @@ import hfcompress
 from hfcompress import HfCompressConfig
 from hfcompress.export import export
 from hfcompress.export.gguf.arch import qk_row_order
-from hfcompress.models import real_model_path, smollm2_gguf_path
+from hfcompress.testing.models import real_model_path, smollm2_gguf_path
 
 pytestmark = pytest.mark.slow
 gguf = pytest.importorskip("gguf")

@@ -8,11 +8,12 @@ from torch import nn
 
 from hfcompress import HfCompressConfig, LayerSpec, oneshot
 from hfcompress.algorithms import Method, get_method, register_method
-from hfcompress.algorithms.gptq import gptq_quantize, prepare_hessian, quant_objective
+from hfcompress.algorithms.gptq import gptq_quantize, quant_objective
+from hfcompress.algorithms.hessian import prepare_hessian
 from hfcompress.algorithms.quantease import refine_quantization
 from hfcompress.algorithms.rtn import rtn_compress
 from hfcompress.calibration.stats import LayerStats
-from hfcompress.models import tiny_llama
+from hfcompress.testing.models import tiny_llama
 
 
 def _problem(rows, cols, seed, n=None):

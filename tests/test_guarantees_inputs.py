@@ -14,9 +14,9 @@ from torch import nn
 
 import hfcompress
 from hfcompress import HfCompressConfig
-from hfcompress.models import tiny_llama
+from hfcompress.testing.models import tiny_llama
 from hfcompress.streaming import compress_checkpoint, partial_dir
-from hfcompress.targets import resolve_layers
+from hfcompress.plan.targets import resolve_layers
 
 
 def _state(model):

@@ -24,10 +24,11 @@ from transformers import AutoModelForCausalLM
 import hfcompress
 from hfcompress import HfCompressConfig
 from hfcompress.checkpoint import CheckpointError, data_start, read_header
-from hfcompress.hub import inspect_checkpoint, push_to_hub
+from hfcompress.hub import push_to_hub
+from hfcompress.inspection import inspect_checkpoint
 from hfcompress.integrity import IntegrityError
 from hfcompress.lossless import LosslessFormatError, codec, coder
-from hfcompress.models import tiny_llama
+from hfcompress.testing.models import tiny_llama
 
 IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
 FORMATS = {

@@ -22,7 +22,8 @@ import hfcompress
 from hfcompress import HfCompressConfig, convert_checkpoint
 from hfcompress.checkpoint import CheckpointError, shard_names
 from hfcompress.cli import main as cli
-from hfcompress.hub import inspect_checkpoint, save_compressed
+from hfcompress.hub import save_compressed
+from hfcompress.inspection import inspect_checkpoint
 from hfcompress.outputs import MARKER, OutputFolder, OutputPathError
 from hfcompress.streaming import compress_checkpoint
 
@@ -236,7 +237,7 @@ def test_links_leaving_the_source_are_not_copied_into_outputs(tiny_dense_dir, tm
 def test_compressed_adapter_never_deletes_a_folder_it_did_not_write(tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from hfcompress.models import tiny_llama
+    from hfcompress.testing.models import tiny_llama
     from hfcompress.peft.deltas import save_compressed_adapter
 
     lora = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))

@@ -11,8 +11,9 @@ from hubserver import validate_card_metadata
 
 from hfcompress import HfCompressConfig, compress
 from hfcompress.harness import ModelScore, TaskResult
-from hfcompress.hub import base_model_id, inspect_checkpoint, model_card, save_compressed
-from hfcompress.models import tiny_llama
+from hfcompress.hub import base_model_id, model_card, save_compressed
+from hfcompress.inspection import inspect_checkpoint
+from hfcompress.testing.models import tiny_llama
 
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 CONFIG = dict(bits=4, group_size=32, overrides=[{"targets": ["re:down_proj$"], "bits": 8, "group_size": None}])

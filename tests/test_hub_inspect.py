@@ -8,8 +8,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from hfcompress import HfCompressConfig, compress, compression_report, compressed_modules
-from hfcompress.hub import inspect_checkpoint, layer_groups
-from hfcompress.models import tiny_llama
+from hfcompress.inspection import inspect_checkpoint, layer_groups
+from hfcompress.testing.models import tiny_llama
 
 CONFIG = dict(bits=4, group_size=32, overrides=[{"targets": ["re:down_proj$"], "bits": 8, "group_size": None}])
 

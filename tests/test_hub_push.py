@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from hfcompress import HfCompressConfig, compress, compressed_modules
 from hfcompress.hub import push_to_hub, save_compressed
-from hfcompress.models import tiny_llama
+from hfcompress.testing.models import tiny_llama
 
 CONFIG = HfCompressConfig(bits=4, group_size=32)
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"

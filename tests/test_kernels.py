@@ -11,19 +11,12 @@ from torch import nn
 
 import hfcompress
 from hfcompress import CompressedConv2d, CompressedEmbedding, CompressedLinear, HfCompressConfig, LayerSpec
-from hfcompress.kernels import (
-    RTOL,
-    candidates,
-    error_bound,
-    inference_nbytes,
-    inference_paths,
-    set_default_inference_path,
-    set_inference_path,
-)
+from hfcompress.inference import inference_nbytes, inference_paths, set_inference_path
+from hfcompress.kernels import RTOL, candidates, error_bound, set_default_inference_path
 from hfcompress.kernels.codes import invert_nibble_layout, kernel_groups
 from hfcompress.kernels.int4pack import _converter
 from hfcompress.kernels.select import get_default_inference_path
-from hfcompress.models import tiny_llama
+from hfcompress.testing.models import tiny_llama
 
 CPU = torch.device("cpu")
 INT_PATHS = ("int4pack", "int8pack")

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hfcompress import HfCompressConfig
 from hfcompress.evaluation import perplexity
-from hfcompress.kernels import inference_nbytes, set_inference_path
+from hfcompress.inference import inference_nbytes, set_inference_path
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ import hfcompress  # noqa: F401  (registers the quantizer)
 from hfcompress import HfCompressConfig, compressed_modules
 from hfcompress.integrity import IntegrityError
 from hfcompress.lossless import LosslessFormatError
-from hfcompress.lossless.lazy import deferred, materialize
+from hfcompress.storage.lazy import deferred, materialize
 
 IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
 MODES = ("lazy", "first_forward")

@@ -13,11 +13,12 @@ from transformers import AutoModelForCausalLM, AutoModelForImageClassification
 
 import hfcompress
 from hfcompress import HfCompressConfig, compressed_modules
-from hfcompress.convert import convert_checkpoint, main as convert_main
+from hfcompress.cli import main as cli_main
+from hfcompress.convert import convert_checkpoint
 from hfcompress.formats.lossless import LOSSLESS_SUFFIX, lossless_files_summary
 from hfcompress.integrity import IntegrityError
 from hfcompress.lossless import LosslessFormatError
-from hfcompress.models import tiny_llama, tiny_vit
+from hfcompress.testing.models import tiny_llama, tiny_vit
 
 IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -183,7 +184,7 @@ def test_corrupt_payload_is_refused(damaged_dir):
 
 
 def test_corrupt_payload_error_names_tensor(lossless_dir):
-    from hfcompress.lossless.loader import LosslessDecode
+    from hfcompress.storage.loader import LosslessDecode
 
     key = "model.layers.1.mlp.down_proj.weight"
     payload = stored(lossless_dir)[key + LOSSLESS_SUFFIX].clone()
@@ -289,8 +290,10 @@ def test_converter_refuses_bad_input_and_leaves_nothing(dense_dir, tmp_path):
 
 
 def test_converter_command_line(dense_dir, tmp_path, capsys):
-    convert_main([str(dense_dir), str(tmp_path / "cli")])
+    assert cli_main(["convert", str(dense_dir), "-o", str(tmp_path / "cli")]) == 0
     assert "tensors coded" in capsys.readouterr().out
+    assert cli_main(["convert", str(dense_dir), "-o", str(tmp_path / "cli"), "--json"]) == 2  # exists, not replaced
+    assert "exists" in capsys.readouterr().out
     assert lossless_files_summary(tmp_path / "cli")["coded_tensors"] > 0
 
 

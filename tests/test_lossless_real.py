@@ -76,7 +76,7 @@ def test_minilm_deferred_decoding_matches_eager(minilm_path, tmp_path, mode):
     import struct
 
     from hfcompress import HfCompressConfig
-    from hfcompress.lossless.lazy import deferred
+    from hfcompress.storage.lazy import deferred
 
     def content(path):
         raw = path.read_bytes()

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from hfcompress import HfCompressConfig, compress
 from hfcompress import peft as hpeft
 from hfcompress.grid import expand_groups
-from hfcompress.models import tiny_llama
+from hfcompress.testing.models import tiny_llama
 from hfcompress.modules import CompressedLinear, compressed_modules
 
 CONFIGS = {

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from hfcompress import HfCompressConfig, compress
 from hfcompress import peft as hpeft
-from hfcompress.models import tiny_llama
+from hfcompress.testing.models import tiny_llama
 from hfcompress.modules import compressed_modules
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from hfcompress import HfCompressConfig, compress
 from hfcompress import peft as hpeft
-from hfcompress.models import tiny_llama
+from hfcompress.testing.models import tiny_llama
 from hfcompress.modules import compressed_modules
 
 

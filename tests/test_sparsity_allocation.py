@@ -9,9 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hfcompress import HfCompressConfig, compress, compressed_modules, oneshot
-from hfcompress.models import tiny_llama
+from hfcompress.testing.models import tiny_llama
 from hfcompress.sparsity.allocation import apportion, global_counts, lamp_scores, owl_sparsities
-from hfcompress.targets import resolve_layers
+from hfcompress.plan.targets import resolve_layers
 
 CALIB = torch.randint(0, 256, (6, 32), generator=torch.Generator().manual_seed(1))
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from hfcompress import HfCompressConfig
 from hfcompress.sparsity.masks import lowest_k_mask, nm_mask, prune_count, split_count, unstructured_mask
-from hfcompress.sparsity.nm import nm_index_bits, pack_nm_index, pattern_ranks, patterns_from_ranks, unpack_nm_index
+from hfcompress.sparsity.nm_index import nm_index_bits, pack_nm_index, pattern_ranks, patterns_from_ranks, unpack_nm_index
 from hfcompress.spec import LayerSpec
 
 shapes = st.tuples(st.integers(1, 9), st.integers(1, 70))

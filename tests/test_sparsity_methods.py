@@ -15,8 +15,8 @@ from hfcompress.algorithms.magnitude import magnitude_compress
 from hfcompress.algorithms.sparsegpt import sparsegpt_compress_layer
 from hfcompress.algorithms.wanda import wanda_compress_layer
 from hfcompress.calibration.stats import LayerStats
-from hfcompress.models import tiny_llama
-from hfcompress.sparsity.admm import admm_update
+from hfcompress.testing.models import tiny_llama
+from hfcompress.algorithms.reconstruction import admm_update
 from hfcompress.spec import LayerSpec
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -140,7 +140,7 @@ def test_calibrated_methods_beat_magnitude_on_calibration_inputs(spec):
 def test_admm_update_is_optimal_on_a_fixed_mask():
     w, x, stats = _problem(rows=6, cols=24, tokens=200)
     keep = torch.rand(6, 24, generator=torch.Generator().manual_seed(3)) > 0.5
-    got = admm_update(w, stats.hessian, keep, iters=200, dampening=0.0)
+    got = admm_update(w, stats.hessian, keep, iters=200, damp=0.0)
     exact = torch.zeros_like(w)
     for r in range(6):  # least squares on each row's support
         s = keep[r]
@@ -154,7 +154,7 @@ def test_unknown_method_args_are_clear_errors():
     w, x, stats = _problem(rows=4, cols=16, tokens=40)
     with pytest.raises(ValueError, match="unknown method_args \\['blocksiz'\\]"):
         sparsegpt_compress_layer(w, stats, LayerSpec(sparsity=0.5), {"blocksiz": 64})
-    with pytest.raises(ValueError, match="must be a int"):
+    with pytest.raises(ValueError, match="must be an int"):
         sparsegpt_compress_layer(w, stats, LayerSpec(sparsity=0.5), {"blocksize": "64"})
 
 
@@ -260,3 +260,17 @@ def test_sparse_formats_compose_with_lossless_stage(bf16_llama_dir, tmp_path, cf
         ref = compressed_modules(model)[name].compressed_tensors()
         for key, tensor in module.compressed_tensors().items():
             assert torch.equal(tensor, ref[key]), (name, key)
+
+
+def test_deprecated_argument_spellings_still_work_and_warn():
+    """SparseGPT/ADMM took ``dampening``/``blocksize``; GPTQ/QuantEase ``damp``/``block_size``: one spelling now."""
+    w, x, stats = _problem(rows=8, cols=32, tokens=64)
+    spec = LayerSpec(sparsity=0.5)
+    new = sparsegpt_compress_layer(w.clone(), stats, spec, {"damp": 0.05, "block_size": 16})
+    with pytest.warns(FutureWarning, match="'dampening' of method='sparsegpt' is deprecated; use 'damp'"):
+        old = sparsegpt_compress_layer(w.clone(), stats, spec, {"dampening": 0.05, "blocksize": 16})
+    assert torch.equal(new.weight, old.weight) and torch.equal(new.mask, old.mask)
+    with pytest.raises(ValueError, match="give both 'dampening' and 'damp'"):
+        sparsegpt_compress_layer(w.clone(), stats, spec, {"dampening": 0.05, "damp": 0.05})
+    with pytest.raises(ValueError, match="damp=1.5 .* must be a number in \\[0, 1\\)"):
+        sparsegpt_compress_layer(w.clone(), stats, spec, {"damp": 1.5})

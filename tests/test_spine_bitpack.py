@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hfcompress.formats.bitpack import pack_codes, packed_row_bytes, unpack_codes
+from hfcompress.bitpack import pack_codes, packed_row_bytes, unpack_codes
 from hfcompress.grid import compute_qparams, dequantize, num_groups, quantize, quantize_rtn
 
 

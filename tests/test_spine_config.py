@@ -8,8 +8,8 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 
 import hfcompress
 from hfcompress import HfCompressConfig, HfCompressQuantizer, LayerSpec
-from hfcompress.models import tiny_llama, tiny_resnet, tiny_vit
-from hfcompress.targets import resolve_layers
+from hfcompress.testing.models import tiny_llama, tiny_resnet, tiny_vit
+from hfcompress.plan.targets import resolve_layers
 
 
 def test_registered_with_transformers():

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoModelForImageClassification
 import hfcompress
 from hfcompress import CompressedConv2d, CompressedEmbedding, CompressedLinear, HfCompressConfig, compressed_modules
 from hfcompress.integrity import IntegrityError
-from hfcompress.models import tiny_llama, tiny_resnet, tiny_vit
+from hfcompress.testing.models import tiny_llama, tiny_resnet, tiny_vit
 
 
 def _saved(model, path):

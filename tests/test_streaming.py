@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import hfcompress
 from hfcompress import HfCompressConfig
-from hfcompress.models import tiny_llama
+from hfcompress.testing.models import tiny_llama
 from hfcompress.streaming import compress_checkpoint, parse_size, partial_dir
 from hfcompress.streaming import run as stream_run
 from hfcompress.streaming.reader import CheckpointReader

@@ -8,9 +8,9 @@ from transformers import AutoModelForImageClassification, ConvNextConfig, ConvNe
 import hfcompress
 from hfcompress import CompressedConv2d, CompressedLinear, HfCompressConfig, LayerSpec, compressed_modules
 from hfcompress.grid import quantize_rtn
-from hfcompress.models import tiny_resnet, tiny_vit
+from hfcompress.testing.models import tiny_resnet, tiny_vit
 from hfcompress.modules import compressed_twin
-from hfcompress.targets import resolve_layers
+from hfcompress.plan.targets import resolve_layers
 from hfcompress.vision import image_calibration_batches
 
 CONVS = {

@@ -8,14 +8,9 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification
 import hfcompress
 from hfcompress import HfCompressConfig, compressed_modules
 from hfcompress.harness import ImageClassificationTask
-from hfcompress.vision import (
-    ARCHITECTURES,
-    fashion_mnist_arrays,
-    fashion_mnist_available,
-    fashion_mnist_dataset,
-    fashion_mnist_model_path,
-)
-from hfcompress.models import cache_dir
+from hfcompress.testing.fashion_mnist import ARCHITECTURES, fashion_mnist_model_path
+from hfcompress.vision import fashion_mnist_arrays, fashion_mnist_available, fashion_mnist_dataset
+from hfcompress.testing.models import cache_dir
 
 pytestmark = pytest.mark.skipif(
     not fashion_mnist_available(),

@@ -26,89 +26,9 @@ refused.
 The calibration pipeline (:mod:`hfcompress.calibration.pipeline`) collects the statistics block by
 block, calls ``compress_layer`` for each targeted module and installs the result. A method that also
 sets ``tune_options`` (``method_args -> BlockTuneOptions``) has each block's quantization scales tuned
-afterwards on the block output against the dense model (:mod:`hfcompress.algorithms.block_tune`).
+afterwards on the block output against the dense model (:mod:`hfcompress.algorithms.blocktune`).
 """
 
-from __future__ import annotations
+from .base import METHODS, STAT_KINDS, Method, available_methods, get_method, register_method
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-import torch
-
-from ..formats.base import CompressedWeight
-from ..spec import LayerSpec
-
-if TYPE_CHECKING:
-    from ..calibration.stats import LayerStats
-
-#: statistics a calibrated method may ask the pipeline for
-STAT_KINDS = frozenset({"hessian", "act_sq", "dense_cross"})
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    data_free: bool
-    quantizes: bool
-    prunes: bool
-    description: str
-    compress: Callable[[torch.Tensor, LayerSpec], CompressedWeight] | None = None
-    #: calibration statistics ``compress_layer`` reads: a subset of :data:`STAT_KINDS`
-    needs: frozenset[str] = field(default_factory=frozenset)
-    #: calibrated methods: ``(weight2d float32 [rows, cols], LayerStats, LayerSpec, method_args) -> CompressedWeight``
-    compress_layer: Callable[[torch.Tensor, "LayerStats", LayerSpec, dict[str, Any]], CompressedWeight] | None = None
-    #: calibrated methods with block-output scale tuning: ``method_args -> BlockTuneOptions`` (validating them)
-    tune_options: Callable[[dict[str, Any]], Any] | None = None
-    #: ``method_args -> None``: raises ``ValueError``/``TypeError`` for an unknown key or a bad value; ``None``: the
-    #: method takes no arguments
-    check_args: Callable[[dict[str, Any]], Any] | None = None
-
-    def validate(self, method_args: dict[str, Any]) -> None:
-        """Refuse unknown or badly valued ``method_args`` (called when a config is built)."""
-        if self.check_args is not None:
-            self.check_args(method_args)
-        elif method_args:
-            raise ValueError(
-                f"method={self.name!r} takes no method_args, got {sorted(method_args)}; remove them "
-                "(see the method's documentation for what it accepts)."
-            )
-
-
-_METHODS: dict[str, Method] = {}
-
-
-def register_method(method: Method) -> Method:
-    if method.name in _METHODS:
-        raise ValueError(f"Method {method.name!r} is already registered.")
-    if method.data_free and method.compress is None:
-        raise ValueError(f"Data-free method {method.name!r} needs a compress function.")
-    if not method.data_free and method.compress_layer is None:
-        raise ValueError(f"Calibrated method {method.name!r} (data_free=False) needs a compress_layer function.")
-    unknown = set(method.needs) - STAT_KINDS
-    if unknown:
-        raise ValueError(f"Method {method.name!r} needs unknown statistics {sorted(unknown)}; choose from {sorted(STAT_KINDS)}.")
-    object.__setattr__(method, "needs", frozenset(method.needs))
-    _METHODS[method.name] = method
-    return method
-
-
-def get_method(name: str) -> Method:
-    try:
-        return _METHODS[name]
-    except KeyError:
-        raise ValueError(f"method={name!r} is not a known method; choose one of {sorted(_METHODS)}.") from None
-
-
-def available_methods() -> list[str]:
-    return sorted(_METHODS)
-
-
-from . import rtn  # noqa: E402,F401  (registers "rtn")
-from . import gptq  # noqa: E402,F401  (registers "gptq")
-from . import quantease  # noqa: E402,F401  (registers "quantease")
-from . import blocktune  # noqa: E402,F401  (registers "blocktune")
-from . import magnitude, wanda, sparsegpt, admm  # noqa: E402,F401  (sparsity methods)
-
-__all__ = ["STAT_KINDS", "Method", "available_methods", "get_method", "register_method"]
+__all__ = ["METHODS", "STAT_KINDS", "Method", "available_methods", "get_method", "register_method"]

@@ -33,45 +33,14 @@ import torch
 from ..formats.base import CompressedWeight
 from ..grid import QuantizedWeight, compute_qparams, num_groups, quantize_rtn, scale_torch_dtype
 from ..spec import LayerSpec
-from . import Method, register_method
+from .base import Method, register_method
+from .options import method_options
 
 logger = logging.getLogger("hfcompress.calibration")
 
-__all__ = ["gptq_quantize", "hessian_inverse_cholesky", "prepare_hessian", "quant_objective", "check_method_args"]
+__all__ = ["GPTQ_DEFAULTS", "gptq_quantize", "hessian_inverse_cholesky", "quant_objective"]
 
 GPTQ_DEFAULTS: dict[str, Any] = {"damp": 0.01, "block_size": 128, "act_order": True}
-
-
-def check_method_args(method: str, args: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
-    """``defaults`` updated with ``args``; unknown keys and bad values raise a ``ValueError``."""
-    unknown = set(args) - set(defaults)
-    if unknown:
-        raise ValueError(
-            f"method_args {sorted(unknown)} are not understood by method={method!r}; it accepts {sorted(defaults)}."
-        )
-    out = {**defaults, **args}
-    if "damp" in out and (isinstance(out["damp"], bool) or not isinstance(out["damp"], (int, float)) or not 0 <= out["damp"] < 1):
-        raise ValueError(f"method_args damp={out['damp']!r} must be a number in [0, 1), e.g. 0.01.")
-    if "block_size" in out and (isinstance(out["block_size"], bool) or not isinstance(out["block_size"], int) or out["block_size"] < 1):
-        raise ValueError(f"method_args block_size={out['block_size']!r} must be a positive integer, e.g. 128.")
-    if "act_order" in out and not isinstance(out["act_order"], bool):
-        raise ValueError(f"method_args act_order={out['act_order']!r} must be True or False.")
-    return out
-
-
-def prepare_hessian(weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Float64 copies of ``W`` and ``H`` with dead inputs (``H_jj == 0``) neutralised, and the dead mask."""
-    w = weight.detach().to(torch.float64, copy=True)
-    h = hessian.detach().to(torch.float64, copy=True)
-    if h.shape != (w.shape[1], w.shape[1]):
-        raise ValueError(f"The Hessian has shape {tuple(h.shape)}; expected {(w.shape[1], w.shape[1])} for a weight {tuple(w.shape)}.")
-    if not torch.isfinite(h).all():
-        raise FloatingPointError("The calibration Hessian has non-finite entries (inf/NaN activations in the model).")
-    dead = torch.diagonal(h) <= 0
-    if dead.any():
-        h[dead, dead] = 1.0
-        w[:, dead] = 0.0
-    return w, h, dead
 
 
 def hessian_inverse_cholesky(h: torch.Tensor, damp: float, name: str = "") -> torch.Tensor:
@@ -276,7 +245,7 @@ def best_of_rtn(weight: torch.Tensor, hessian: torch.Tensor, spec: LayerSpec, q:
 
 def gptq_compress_layer(weight: torch.Tensor, stats, spec: LayerSpec, method_args: dict[str, Any]) -> CompressedWeight:
     """``compress_layer`` of method ``"gptq"`` (see :mod:`hfcompress.algorithms`)."""
-    args = check_method_args("gptq", method_args, GPTQ_DEFAULTS)
+    args = method_options("gptq", method_args, GPTQ_DEFAULTS)
     if stats.hessian is None:
         raise ValueError("method='gptq' needs the input Hessian; the calibration pipeline did not provide it.")
     q = gptq_quantize(weight, stats.hessian, spec, **args)
@@ -293,6 +262,6 @@ register_method(
         description="GPTQ: Hessian-based error-compensating quantization (act-order, static groups, lazy blocks).",
         needs=frozenset({"hessian"}),
         compress_layer=gptq_compress_layer,
-        check_args=lambda args: check_method_args("gptq", args, GPTQ_DEFAULTS),
+        check_args=lambda args: method_options("gptq", args, GPTQ_DEFAULTS),
     )
 )

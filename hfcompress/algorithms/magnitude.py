@@ -12,9 +12,26 @@ from __future__ import annotations
 import torch
 
 from ..formats.base import CompressedWeight
-from ..sparsity.prune import mask_for_spec, masked_weight, method_options
+from ..grid import quantize_rtn, scale_torch_dtype
+from ..sparsity.masks import mask_for_spec
 from ..spec import LayerSpec
-from . import Method, register_method
+from .base import Method, register_method
+from .options import method_options
+
+__all__ = ["magnitude_compress", "masked_weight"]
+
+
+def masked_weight(weight: torch.Tensor, keep: torch.Tensor, spec: LayerSpec) -> CompressedWeight:
+    """Zero the pruned weights and, when ``spec`` quantizes, round the kept ones to the grid.
+
+    Scales come from the kept weights only (pruned zeros lie on every grid and never widen a range), and
+    pruned weights stay exactly zero after quantization.
+    """
+    w = weight.float() * keep
+    if not spec.quantized:
+        return CompressedWeight(weight=w, mask=keep)
+    q = quantize_rtn(w, spec.bits, spec.group_size, spec.symmetric, scale_torch_dtype(spec.scale_dtype), spec.clip)
+    return CompressedWeight(weight=q.dequantize(torch.float32) * keep, quantized=q, mask=keep)
 
 
 def magnitude_compress(weight: torch.Tensor, spec: LayerSpec) -> CompressedWeight:
@@ -33,6 +50,6 @@ register_method(
         description="Magnitude pruning (layer-wise; global/LAMP through allocation), unstructured or N:M, "
         "optionally followed by RTN; needs no data, runs during from_pretrained.",
         compress=magnitude_compress,
-        check_args=lambda args: method_options("magnitude", args, {}),
+        check_args=lambda args: method_options("magnitude", args, {}, allocation=True),
     )
 )

@@ -27,8 +27,10 @@ import torch
 from ..formats.base import CompressedWeight
 from ..grid import QuantizedWeight, scale_torch_dtype
 from ..spec import LayerSpec
-from . import Method, register_method
-from .gptq import GPTQ_DEFAULTS, best_of_rtn, check_method_args, few_threads, gptq_quantize, prepare_hessian, quant_objective
+from .base import Method, register_method
+from .options import method_options
+from .gptq import GPTQ_DEFAULTS, best_of_rtn, few_threads, gptq_quantize, quant_objective
+from .hessian import prepare_hessian
 
 __all__ = ["refine_quantization", "quantease_compress_layer"]
 
@@ -129,7 +131,7 @@ def refine_quantization(
 
 def quantease_args(method_args: dict[str, Any], method: str = "quantease") -> dict[str, Any]:
     """QuantEase's ``method_args`` with defaults filled in; unknown keys and bad values raise ``ValueError``."""
-    args = check_method_args(method, method_args, QUANTEASE_DEFAULTS)
+    args = method_options(method, method_args, QUANTEASE_DEFAULTS)
     sweeps, cd_damp = args["sweeps"], args["cd_damp"]
     if isinstance(sweeps, bool) or not isinstance(sweeps, int) or sweeps < 0:
         raise ValueError(f"method_args sweeps={sweeps!r} must be a non-negative integer, e.g. 5.")

@@ -7,7 +7,7 @@ import torch
 from ..formats.base import CompressedWeight
 from ..grid import quantize_rtn, scale_torch_dtype
 from ..spec import LayerSpec
-from . import Method, register_method
+from .base import Method, register_method
 
 
 def rtn_compress(weight: torch.Tensor, spec: LayerSpec) -> CompressedWeight:

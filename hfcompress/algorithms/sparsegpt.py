@@ -1,7 +1,7 @@
 """``sparsegpt``: one-shot pruning with OBS weight reconstruction (Frantar & Alistarh, 2023), jointly quantized.
 
 For a layer ``y = W x`` with Hessian ``H = 2/n sum x x^T``, SparseGPT walks the columns left to right in
-blocks (``blocksize`` columns). Within a block it picks the pruning mask from the OBS saliency
+blocks (``block_size`` columns). Within a block it picks the pruning mask from the OBS saliency
 ``w^2 / [H^-1]_jj^2`` (unstructured: the exact number of weights the block owes to the layer's target,
 compared over the whole block; N:M: the ``M - N`` least salient of every ``M`` inputs of a row, decided
 when the group is reached so it sees the updates of earlier columns), then for each column zeroes the
@@ -10,10 +10,10 @@ the current kept weights as in GPTQ) and spreads the error over the columns not 
 the upper Cholesky factor of ``H^-1``. Pruned weights stay exactly zero and one pass yields the sparse,
 quantized weight (the paper's joint 50% + 4-bit mode).
 
-``method_args``: ``blocksize`` (128), ``dampening`` (0.01: fraction of the mean Hessian diagonal added to
+``method_args``: ``block_size`` (128), ``damp`` (0.01: fraction of the mean Hessian diagonal added to
 the diagonal; raised tenfold until the Cholesky factorisation succeeds), ``refine_iters`` (0: after the
 mask is chosen, run this many iterations of the ADMM optimal weight update of
-:mod:`hfcompress.sparsity.admm` on the fixed mask before quantizing), plus the allocation settings.
+:mod:`hfcompress.algorithms.reconstruction` on the fixed mask before quantizing), plus the allocation settings.
 """
 
 from __future__ import annotations
@@ -25,22 +25,22 @@ import torch
 
 from ..formats.base import CompressedWeight
 from ..grid import QuantizedWeight, compute_qparams, dequantize, quantize, scale_torch_dtype
-from ..sparsity.admm import admm_update, prepare_hessian
+from .hessian import prepare_hessian
+from .reconstruction import admm_update
 from ..sparsity.masks import lowest_k_mask, nm_mask, prune_count, split_count
-from ..sparsity.prune import method_options
 from ..spec import LayerSpec
-from . import Method, register_method
+from .base import Method, register_method
+from .options import method_options
 
-DEFAULTS: dict[str, Any] = {"blocksize": 128, "dampening": 0.01, "refine_iters": 0}
+DEFAULTS: dict[str, Any] = {"block_size": 128, "damp": 0.01, "refine_iters": 0}
 
 __all__ = ["sparsegpt_compress_layer", "sparsegpt_prune", "inverse_hessian_factor"]
 
 
-def inverse_hessian_factor(h: torch.Tensor, dampening: float) -> torch.Tensor:
+def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + damp I)^-1`` in float32, damp raised until the factorisation works."""
     h = h.double()
     mean_diag = float(torch.diagonal(h).mean()) or 1.0
-    damp = dampening
     for _ in range(8):
         hd = h + torch.eye(h.shape[0], dtype=h.dtype, device=h.device) * (damp * mean_diag)
         lower, info = torch.linalg.cholesky_ex(hd)
@@ -50,15 +50,15 @@ def inverse_hessian_factor(h: torch.Tensor, dampening: float) -> torch.Tensor:
             if int(info) == 0 and torch.isfinite(upper).all():
                 return upper.float()
         damp = damp * 10 if damp > 0 else 1e-6
-    raise FloatingPointError(f"The Hessian stays singular after raising dampening to {damp:g}; check the calibration data.")
+    raise FloatingPointError(f"The Hessian stays singular after raising the dampening to {damp:g}; check the calibration data.")
 
 
-def _block_size(blocksize: int, cols: int, m: int | None, group_size: int | None) -> int:
-    """``blocksize`` rounded to a multiple of M and of the group size (when it fits), at least one unit."""
+def _block_size(block_size: int, cols: int, m: int | None, group_size: int | None) -> int:
+    """``block_size`` rounded to a multiple of M and of the group size (when it fits), at least one unit."""
     unit = m or 1
-    if group_size is not None and group_size <= blocksize:
+    if group_size is not None and group_size <= block_size:
         unit = unit * group_size // math.gcd(unit, group_size)
-    return max(unit, blocksize // unit * unit)
+    return max(unit, block_size // unit * unit)
 
 
 @torch.no_grad()
@@ -66,20 +66,20 @@ def sparsegpt_prune(
     weight: torch.Tensor,
     hessian: torch.Tensor,
     spec: LayerSpec,
-    blocksize: int = 128,
-    dampening: float = 0.01,
+    block_size: int = 128,
+    damp: float = 0.01,
     keep: torch.Tensor | None = None,
 ) -> CompressedWeight:
     """SparseGPT on ``weight[rows, cols]``; ``keep`` fixes the mask (then only reconstruction/quantization run)."""
-    if blocksize < 1:
-        raise ValueError(f"blocksize={blocksize} must be a positive integer (128 is the usual choice).")
-    w, h, dead = prepare_hessian(weight, hessian)
+    if block_size < 1:
+        raise ValueError(f"block_size={block_size} must be a positive integer (128 is the usual choice).")
+    w, h, dead = prepare_hessian(weight, hessian, torch.float32)
     rows, cols = w.shape
-    hinv = inverse_hessian_factor(h, dampening)
+    hinv = inverse_hessian_factor(h, damp)
     nm = spec.nm
     quant = spec.quantized
     gsize = cols if spec.group_size is None or spec.group_size >= cols else spec.group_size
-    bs = _block_size(blocksize, cols, nm[1] if nm else None, spec.group_size if quant else None)
+    bs = _block_size(block_size, cols, nm[1] if nm else None, spec.group_size if quant else None)
     starts = list(range(0, cols, bs))
     counts = None
     if keep is None and nm is None and spec.sparse:
@@ -143,17 +143,17 @@ def sparsegpt_prune(
 
 def sparsegpt_compress_layer(weight: torch.Tensor, stats, spec: LayerSpec, method_args: dict[str, Any]) -> CompressedWeight:
     """Calibrated-method entry point (see :mod:`hfcompress.algorithms`)."""
-    opts = method_options("sparsegpt", method_args, DEFAULTS)
+    opts = method_options("sparsegpt", method_args, DEFAULTS, allocation=True)
     if stats.hessian is None:
         raise ValueError("method='sparsegpt' needs the layer Hessian (LayerStats.hessian).")
     if not opts["refine_iters"]:
-        return sparsegpt_prune(weight, stats.hessian, spec, opts["blocksize"], opts["dampening"])
+        return sparsegpt_prune(weight, stats.hessian, spec, opts["block_size"], opts["damp"])
     sparse_spec = spec.with_updates(bits=None)
-    first = sparsegpt_prune(weight, stats.hessian, sparse_spec, opts["blocksize"], opts["dampening"])
-    refined = admm_update(weight, stats.hessian, first.mask, iters=opts["refine_iters"], dampening=opts["dampening"])
+    first = sparsegpt_prune(weight, stats.hessian, sparse_spec, opts["block_size"], opts["damp"])
+    refined = admm_update(weight, stats.hessian, first.mask, iters=opts["refine_iters"], damp=opts["damp"])
     if not spec.quantized:
         return CompressedWeight(weight=refined, mask=first.mask)
-    return sparsegpt_prune(refined, stats.hessian, spec, opts["blocksize"], opts["dampening"], keep=first.mask)
+    return sparsegpt_prune(refined, stats.hessian, spec, opts["block_size"], opts["damp"], keep=first.mask)
 
 
 register_method(
@@ -166,6 +166,6 @@ register_method(
         "N:M, jointly quantized when bits is set; optional ADMM refinement of the weights (refine_iters).",
         needs=frozenset({"hessian"}),
         compress_layer=sparsegpt_compress_layer,
-        check_args=lambda args: method_options("sparsegpt", args, DEFAULTS),
+        check_args=lambda args: method_options("sparsegpt", args, DEFAULTS, allocation=True),
     )
 )

@@ -14,9 +14,11 @@ from typing import Any
 import torch
 
 from ..formats.base import CompressedWeight
-from ..sparsity.prune import mask_for_spec, masked_weight, method_options
+from ..sparsity.masks import mask_for_spec
+from .magnitude import masked_weight
+from .options import method_options
 from ..spec import LayerSpec
-from . import Method, register_method
+from .base import Method, register_method
 
 __all__ = ["wanda_compress_layer", "wanda_scores"]
 
@@ -30,7 +32,7 @@ def wanda_scores(weight: torch.Tensor, act_sq: torch.Tensor) -> torch.Tensor:
 
 def wanda_compress_layer(weight: torch.Tensor, stats, spec: LayerSpec, method_args: dict[str, Any]) -> CompressedWeight:
     """Calibrated-method entry point (see :mod:`hfcompress.algorithms`)."""
-    method_options("wanda", method_args, {})
+    method_options("wanda", method_args, {}, allocation=True)
     if stats.act_sq is None:
         raise ValueError("method='wanda' needs the input norms (LayerStats.act_sq).")
     keep = mask_for_spec(wanda_scores(weight, stats.act_sq), spec, per_row=True)
@@ -47,6 +49,6 @@ register_method(
         "no weight update; RTN on the kept weights when bits is set.",
         needs=frozenset({"act_sq"}),
         compress_layer=wanda_compress_layer,
-        check_args=lambda args: method_options("wanda", args, {}),
+        check_args=lambda args: method_options("wanda", args, {}, allocation=True),
     )
 )

@@ -6,7 +6,9 @@
   the forward hooks collecting them (Linear, Conv2d via unfold); ``reduce=``/:func:`reducing` combine each
   module's float64 sums (:class:`LayerSums`) before normalisation, e.g. over processes.
 * :mod:`.blocks`: finding the block list and capturing what each block receives.
-* :mod:`.pipeline`: :func:`run_calibration`, used by :func:`hfcompress.oneshot`.
+* :mod:`.pipeline`: :func:`~hfcompress.calibration.pipeline.run_calibration`, used by :func:`hfcompress.oneshot`
+  (a layer above the others: it runs the methods on the compressed modules, so this package's namespace
+  does not import it).
 
 Writing a calibrated method: register a :class:`hfcompress.algorithms.Method` with ``data_free=False``,
 ``needs`` (a subset of ``{"hessian", "act_sq"}``) and ``compress_layer(weight2d, stats, spec, method_args)
@@ -14,11 +16,9 @@ Writing a calibrated method: register a :class:`hfcompress.algorithms.Method` wi
 """
 
 from .data import calibration_batches, iter_texts, text_windows, wikipedia_summaries
-from .pipeline import LayerResult, relative_output_error, run_calibration
 from .stats import LayerStats, LayerSums, StatsCollector, SumsReducer, identity_stats, layer_inputs_2d, reducing
 
 __all__ = [
-    "LayerResult",
     "LayerStats",
     "LayerSums",
     "StatsCollector",
@@ -28,8 +28,6 @@ __all__ = [
     "iter_texts",
     "layer_inputs_2d",
     "reducing",
-    "relative_output_error",
-    "run_calibration",
     "text_windows",
     "wikipedia_summaries",
 ]

@@ -43,7 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..algorithms import Method
-from ..algorithms.block_tune import BlockTuneOptions, BlockTuneResult, tune_block_scales
+from ..algorithms.blocktune import BlockTuneOptions, BlockTuneResult, tune_block_scales
 from ..formats.base import CompressedWeight
 from ..modules import CompressedModule, compressed_twin, set_submodule
 from ..spec import LayerSpec
@@ -204,7 +204,7 @@ def _tune_block(
     options: BlockTuneOptions,
     progress: Any,
 ) -> BlockTuneResult | None:
-    """Tune the scales of the block's quantized weights on its output (see :mod:`~hfcompress.algorithms.block_tune`)."""
+    """Tune the scales of the block's quantized weights on its output (see :mod:`~hfcompress.algorithms.blocktune`)."""
     names = [n for n in twins if n in run.quantized]
     if not names:
         return None

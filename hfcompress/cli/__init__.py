@@ -44,14 +44,15 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import compress, evaluate, export, inspect, publish
+    from . import compress, convert, evaluate, export, inspect, publish
 
     parser = _Parser(prog="hfcompress", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from .. import __version__
+    from .._version import __version__
 
     parser.add_argument("--version", action="version", version=f"hfcompress {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     compress.add_parser(sub)
+    convert.add_parser(sub)
     evaluate.add_parser(sub)
     export.add_parser(sub)
     publish.add_parsers(sub)

@@ -84,7 +84,7 @@ def model_class(folder: Path):
 
 def load_model(folder: Path, dtype: str | None = "auto", **kwargs):
     """``from_pretrained`` with the checkpoint's own class; hfcompress checkpoints reload compressed."""
-    import hfcompress  # noqa: F401  (registers quant_method="hfcompress")
+    from .. import quantizer  # noqa: F401  (registers quant_method="hfcompress")
 
     return model_class(folder).from_pretrained(folder, dtype=torch_dtype(dtype), **kwargs).eval()
 

@@ -170,7 +170,7 @@ def run(args) -> int:
         steps.update(2)
     else:
         try:
-            from .. import oneshot
+            from ..oneshot import oneshot
         except ImportError:
             raise CliError(
                 f"method={config.method!r} needs calibration (hfcompress.oneshot), which this installation lacks; "
@@ -198,7 +198,7 @@ def run(args) -> int:
     )  # fmt: skip
     steps.update(1)
     steps.close()
-    from ..hub import inspect_checkpoint
+    from ..inspection import inspect_checkpoint
 
     report = inspect_checkpoint(out)
     payload = {

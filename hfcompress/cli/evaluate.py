@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from .common import CliError, emit, info, load_model, load_preprocessor, local_model_dir, model_class
@@ -105,10 +103,9 @@ def _merge_results(path: Path, new) -> list:
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
+    from ..outputs import write_file_atomic
+
+    write_file_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 
 def run(args) -> int:
@@ -120,7 +117,7 @@ def run(args) -> int:
     kind = _auto_task(folder) if args.task == "auto" else args.task
     task = _task(args, kind)
     if args.write_card:
-        from ..hub import inspect_checkpoint
+        from ..inspection import inspect_checkpoint
 
         if not inspect_checkpoint(folder)["compressed"]:
             raise CliError(f"--write-card needs an hfcompress checkpoint; {folder} is not one.")
@@ -137,7 +134,7 @@ def run(args) -> int:
         result = task.compare(model, preprocessor, dense=dense, names=names, show_progress=not args.quiet)
     except (ValueError, FileNotFoundError) as exc:
         raise CliError(str(exc)) from None
-    from ..hub import inspect_checkpoint
+    from ..inspection import inspect_checkpoint
 
     # Sizes as published (checkpoint bytes on disk), not as held in memory at the evaluation dtype.
     result.compressed.nbytes = inspect_checkpoint(folder)["total_bytes"]

@@ -43,7 +43,7 @@ def _table(rows: list[list[str]], right: set[int]) -> str:
 def run(args) -> int:
     from pathlib import Path
 
-    from ..hub import inspect_checkpoint, layer_groups
+    from ..inspection import inspect_checkpoint, layer_groups
     from .common import CliError
 
     if not Path(args.folder).is_dir():

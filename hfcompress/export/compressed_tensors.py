@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..formats.bitpack import pack_codes
+from ..bitpack import pack_codes
 from ..grid import dequantize, quantize
 from .base import ExportError, ExportReport, LayerExport, weight_error
 from .source import ExportSource, QuantizedLayer

@@ -42,9 +42,16 @@ class WeightFormat(ABC):
     """One on-disk layout. Subclasses are registered with :func:`hfcompress.formats.register_format`."""
 
     name: str = ""
+    #: :func:`hfcompress.formats.format_for` picks, among the formats that :meth:`select <selects>` a spec, the
+    #: one with the highest priority
+    priority: int = 0
     #: floating tensors that hold weight *values* (not grid parameters): like a dense weight they follow
     #: ``model.to(dtype)``, so a model calibrated in float32 can be cast to bf16 before saving
     value_tensors: tuple[str, ...] = ()
+
+    def selects(self, spec: LayerSpec) -> bool:
+        """Whether this format stores ``spec`` when the user did not name a format (``False``: only by name)."""
+        return False
 
     @abstractmethod
     def encode(self, cw: CompressedWeight, spec: LayerSpec) -> dict[str, torch.Tensor]:

@@ -28,9 +28,9 @@ import torch
 
 from ..grid import dequantize, num_groups
 from ..spec import LayerSpec
-from . import get_format, register_format, register_format_rule
+from . import get_format, register_format
 from .base import CompressedWeight, TensorSpec, WeightFormat
-from .bitpack import pack_codes, packed_row_bytes, unpack_codes
+from ..bitpack import pack_codes, packed_row_bytes, unpack_codes
 
 
 def _keep_mask(cw: CompressedWeight) -> torch.Tensor:
@@ -55,6 +55,12 @@ def unpack_mask(packed: torch.Tensor, cols: int) -> torch.Tensor:
 @register_format("bitmask")
 class BitmaskFormat(WeightFormat):
     """Values (or packed integer codes) of the kept weights plus a 1-bit-per-weight keep-mask."""
+
+    priority = 10
+
+    def selects(self, spec: LayerSpec) -> bool:
+        """Unstructured sparsity."""
+        return spec.sparse and spec.nm is None
 
     value_tensors = ("weight_values",)
 
@@ -115,10 +121,3 @@ class BitmaskFormat(WeightFormat):
         out = torch.zeros(rows, cols, dtype=dtype, device=values.device)
         out[mask] = values.to(dtype)
         return out
-
-
-def _unstructured_sparse(spec: LayerSpec) -> str | None:
-    return "bitmask" if spec.sparse and spec.nm is None else None
-
-
-register_format_rule(_unstructured_sparse)

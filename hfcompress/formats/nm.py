@@ -1,7 +1,7 @@
 """``nm``: N:M sparse weights as the N kept values of every M plus pattern-rank metadata.
 
 Tensors per compressed module (``G = ceil(cols / M)`` groups per row; a short last group is padded with
-pruned slots; ``k = ceil(log2 C(M, N))`` bits per group, see :mod:`hfcompress.sparsity.nm`):
+pruned slots; ``k = ceil(log2 C(M, N))`` bits per group, see :mod:`hfcompress.sparsity.nm_index`):
 
 =====================  ========================================  =============================================
 name                   dtype / shape                             content
@@ -26,11 +26,11 @@ import torch
 from ..grid import dequantize, num_groups
 from ..spec import LayerSpec
 from ..sparsity.masks import pad_to_groups
-from ..sparsity.nm import nm_groups, nm_index_row_bytes, pack_nm_index, pattern_ranks, patterns_from_ranks, unpack_nm_index
-from . import get_format, register_format, register_format_rule
+from ..sparsity.nm_index import nm_groups, nm_index_row_bytes, pack_nm_index, pattern_ranks, patterns_from_ranks, unpack_nm_index
+from . import get_format, register_format
 from .base import CompressedWeight, TensorSpec, WeightFormat
 from .bitmask import _keep_mask
-from .bitpack import pack_codes, packed_row_bytes, unpack_codes
+from ..bitpack import pack_codes, packed_row_bytes, unpack_codes
 
 
 def _nm(spec: LayerSpec) -> tuple[int, int]:
@@ -60,6 +60,12 @@ def _scatter_kept(values: torch.Tensor, keep: torch.Tensor, n: int, m: int, cols
 @register_format("nm")
 class NMFormat(WeightFormat):
     """Kept values (or their packed integer codes) of an N:M sparse weight plus per-group pattern ranks."""
+
+    priority = 20
+
+    def selects(self, spec: LayerSpec) -> bool:
+        """N:M sparsity (before the unstructured bitmask)."""
+        return spec.nm is not None
 
     value_tensors = ("weight_values",)
 
@@ -124,10 +130,3 @@ def _expand_zero(q, cols: int) -> torch.Tensor:
     from ..grid import expand_groups
 
     return expand_groups(q.zero, cols, q.group_size).to(q.codes.dtype)
-
-
-def _nm_sparse(spec: LayerSpec) -> str | None:
-    return "nm" if spec.nm is not None else None
-
-
-register_format_rule(_nm_sparse)

@@ -6,7 +6,7 @@ Linear, ``[out, in/groups*kh*kw]`` for Conv2d, ``[num_embeddings, dim]`` for Emb
 =====================  ========================================  ========================================
 name                   dtype / shape                             content
 =====================  ========================================  ========================================
-``weight_packed``      uint8 ``[rows, ceil(cols*bits/8)]``       codes, :mod:`~hfcompress.formats.bitpack`
+``weight_packed``      uint8 ``[rows, ceil(cols*bits/8)]``       codes, :mod:`~hfcompress.bitpack`
 ``weight_scale``       scale_dtype ``[rows, n_groups]``          one scale per (row, group)
 ``weight_zero_point``  uint8 ``[rows, ceil(n_groups*bits/8)]``   asymmetric only: bit-packed zero points
 ``weight_shape``       int64 ``[ndim]``                          the original weight shape
@@ -24,11 +24,19 @@ from ..grid import dequantize, num_groups, scale_torch_dtype
 from ..spec import LayerSpec
 from . import register_format
 from .base import CompressedWeight, TensorSpec, WeightFormat
-from .bitpack import pack_codes, packed_row_bytes, unpack_codes
+from ..bitpack import pack_codes, packed_row_bytes, unpack_codes
 
 
 @register_format("packed")
 class PackedFormat(WeightFormat):
+    """Codes bit-packed row by row, one scale (and zero point) per group."""
+
+    priority = 0
+
+    def selects(self, spec: LayerSpec) -> bool:
+        """Dense quantized weights."""
+        return spec.quantized and not spec.sparse
+
     def expected_tensors(self, shape2d: tuple[int, int], spec: LayerSpec) -> dict[str, TensorSpec]:
         rows, cols = shape2d
         ng = num_groups(cols, spec.group_size)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from .tasks import TaskResult
+from ..outputs import write_file_atomic
 
 __all__ = [
     "EVAL_RESULTS_FILE",
@@ -42,7 +42,7 @@ def _mib(nbytes: int | None) -> str:
 
 
 def results_json(results: list[TaskResult]) -> dict[str, Any]:
-    from .. import __version__
+    from .._version import __version__
 
     return {"hfcompress_version": __version__, "results": [r.to_dict() for r in results]}
 
@@ -116,18 +116,15 @@ def plot_report(results: list[TaskResult], path: str | os.PathLike) -> Path:
     ax.tick_params(labelsize=8)
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        write_file_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
     return path
 
 
 def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_file_atomic(path, text)
 
 
 def write_report(

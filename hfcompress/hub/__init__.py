@@ -1,4 +1,4 @@
-"""Model cards, saving with a card, publishing to the Hugging Face Hub, and checkpoint inspection.
+"""Model cards, saving with a card, and publishing to the Hugging Face Hub (local inspection: :mod:`hfcompress.inspection`).
 
 ::
 
@@ -10,19 +10,14 @@
 """
 
 from .card import DEFAULT_TEMPLATE, base_model_id, card_context, model_card, read_card_metadata, save_card
-from .inspect import checkpoint_files, inspect_checkpoint, layer_groups, load_saved_config
 from .push import copy_companion_files, enable_push_with_card, push_to_hub, save_compressed
 
 __all__ = [
     "DEFAULT_TEMPLATE",
     "base_model_id",
     "card_context",
-    "checkpoint_files",
     "copy_companion_files",
     "enable_push_with_card",
-    "inspect_checkpoint",
-    "layer_groups",
-    "load_saved_config",
     "model_card",
     "push_to_hub",
     "read_card_metadata",

@@ -17,12 +17,12 @@ import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from ..config import HfCompressConfig
-from .inspect import inspect_checkpoint, layer_groups
+from ..inspection import inspect_checkpoint, layer_groups
+from ..outputs import write_file_atomic
 
 __all__ = [
     "DEFAULT_TEMPLATE",
@@ -266,7 +266,7 @@ def card_context(
     command: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The ``(metadata, ctx)`` pair a card is rendered from (see :func:`model_card` for the arguments)."""
-    from .. import __version__
+    from .._version import __version__
     from ..harness import eval_results_for_card
     from ..recipes import recipe_to_yaml
 
@@ -381,8 +381,4 @@ def save_card(card, folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder.")
-    fd, tmp = tempfile.mkstemp(prefix=".README.", suffix=".md", dir=folder)
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-        f.write(str(card))
-    os.replace(tmp, folder / "README.md")
-    return folder / "README.md"
+    return write_file_atomic(folder / "README.md", str(card))

@@ -5,7 +5,8 @@
   so a failure never leaves a half-written checkpoint.
 * :func:`push_to_hub` uploads a compressed model or saved folder with its card through
   ``huggingface_hub`` (``create_repo`` + ``upload_folder``: LFS/Xet for the safetensors).
-* :func:`enable_push_with_card` makes ``model.push_to_hub(...)`` of a compressed model do the same:
+* :func:`push_with_card` is what ``model.push_to_hub(...)`` of a compressed model runs (installed by
+  :func:`hfcompress.quantizer.enable_push_with_card` on every model hfcompress compresses or loads):
   transformers' own ``push_to_hub`` would replace the card with a generic one.
 """
 
@@ -13,14 +14,14 @@ from __future__ import annotations
 
 import os
 import tempfile
-import types
 from pathlib import Path
 from typing import Any
 
 from ..config import HfCompressConfig
 from ..outputs import MARKER, OutputFolder, copy_contained
+from ..quantizer import enable_push_with_card  # re-exported: installed on every compressed model
 
-__all__ = ["copy_companion_files", "enable_push_with_card", "push_to_hub", "save_compressed"]
+__all__ = ["copy_companion_files", "enable_push_with_card", "push_to_hub", "push_with_card", "save_compressed"]
 
 #: files that belong to the weights/config that ``save_pretrained`` writes, never copied from the source
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".ot", ".tflite", ".npz")
@@ -176,7 +177,7 @@ def push_to_hub(
     from huggingface_hub import HfApi, ModelCard
 
     from .card import GENERATED_MARKER, model_card
-    from .inspect import inspect_checkpoint
+    from ..inspection import inspect_checkpoint
 
     if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise ValueError(f"repo_id={repo_id!r} must look like 'namespace/name'.")
@@ -226,37 +227,25 @@ def push_to_hub(
         )  # fmt: skip
 
 
-def enable_push_with_card(model):
-    """Make ``model.push_to_hub(repo_id, ...)`` upload the compressed weights, config *and* the hfcompress card.
-
-    transformers' ``push_to_hub`` saves the weights and then writes a generic README; this replaces the
-    method on this model instance (same signature) with :func:`push_to_hub`. Idempotent; returns the model.
-    """
-    if getattr(model, "_hfcompress_push_with_card", False):
-        return model
-
-    def push_with_card(
-        self,
-        repo_id: str,
-        *,
-        commit_message: str | None = None,
-        commit_description: str | None = None,
-        private: bool | None = None,
-        token: bool | str | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-        max_shard_size: int | str | None = "50GB",
-        tags: list[str] | None = None,
-    ):
-        """Upload this compressed model with its hfcompress model card (see ``hfcompress.hub.push_to_hub``)."""
-        model_tags = list(getattr(self, "model_tags", None) or [])
-        tags = [tags] if isinstance(tags, str) else list(tags or [])
-        return push_to_hub(
-            self, repo_id, token=token, private=private, revision=revision, create_pr=create_pr,
-            commit_message=commit_message, commit_description=commit_description,
-            max_shard_size=max_shard_size or "50GB", tags=model_tags + [t for t in tags if t not in model_tags] or None,
-        )  # fmt: skip
-
-    model.push_to_hub = types.MethodType(push_with_card, model)
-    model._hfcompress_push_with_card = True
-    return model
+def push_with_card(
+    model,
+    repo_id: str,
+    *,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    private: bool | None = None,
+    token: bool | str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    max_shard_size: int | str | None = "50GB",
+    tags: list[str] | None = None,
+):
+    """``model.push_to_hub(repo_id, ...)`` of a compressed model (transformers' signature): :func:`push_to_hub`
+    with the model's own tags, so the upload carries the hfcompress card instead of transformers' generic one."""
+    model_tags = list(getattr(model, "model_tags", None) or [])
+    tags = [tags] if isinstance(tags, str) else list(tags or [])
+    return push_to_hub(
+        model, repo_id, token=token, private=private, revision=revision, create_pr=create_pr,
+        commit_message=commit_message, commit_description=commit_description,
+        max_shard_size=max_shard_size or "50GB", tags=model_tags + [t for t in tags if t not in model_tags] or None,
+    )  # fmt: skip

@@ -12,7 +12,7 @@
 * ``gather_rows``: Embedding layers (format ``packed``) decode only the looked-up rows; exact.
 
 ``auto`` (the default) picks the best path for each module (see :mod:`.select`). Choose explicitly with
-:func:`set_inference_path`; inspect with :func:`inference_paths`.
+:func:`hfcompress.inference.set_inference_path`; inspect with :func:`hfcompress.inference.inference_paths`.
 
 Exactness contract: with ``W`` the exact decoded weight and ``b`` the bias, every path satisfies
 ``|y - (x @ W^T + b)| <= RTOL[c] * (|x| @ |W|^T + |b|)`` elementwise (float64 reference), ``c`` the compute
@@ -21,29 +21,19 @@ dtype: bfloat16 for the integer kernels (they round the input, the scales and th
 (:func:`~hfcompress.kernels.base.error_bound`).
 """
 
-from . import dequant_cache, gather_rows, int4pack, int8pack, reference  # noqa: F401  (register the paths)
-from .base import RTOL, InferencePath, Prepared, error_bound, get_path, register_path, registered_paths
+from .base import PATHS, RTOL, InferencePath, Prepared, error_bound, get_path, register_path, registered_paths
 from .codes import KernelUnsupported
-from .select import (
-    AUTO,
-    candidates,
-    get_default_inference_path,
-    inference_nbytes,
-    inference_paths,
-    set_default_inference_path,
-    set_inference_path,
-)
+from .select import AUTO, candidates, get_default_inference_path, set_default_inference_path
 
 
-def available_paths() -> dict[str, str]:
-    """``{path name: description}`` of every registered inference path (plus ``"auto"``)."""
-    out = {AUTO: "best path per module by device, format and bits (the default)"}
-    out.update({name: p.description for name, p in sorted(registered_paths().items())})
-    return out
+def available_paths() -> list[str]:
+    """The sorted names of every registered inference path (``"auto"``, the chooser, is not one of them)."""
+    return PATHS.names()
 
 
 __all__ = [
     "AUTO",
+    "PATHS",
     "RTOL",
     "InferencePath",
     "KernelUnsupported",
@@ -53,10 +43,7 @@ __all__ = [
     "error_bound",
     "get_default_inference_path",
     "get_path",
-    "inference_nbytes",
-    "inference_paths",
     "register_path",
     "registered_paths",
     "set_default_inference_path",
-    "set_inference_path",
 ]

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..registry import Registry
 from .codes import KernelUnsupported
 
 #: tolerance of each compute precision, relative to ``|x| @ |W|^T + |b|`` (see :func:`error_bound`). With ``u``
@@ -135,27 +136,65 @@ class InferencePath(ABC):
         paths decode to it right away)."""
 
 
-_PATHS: dict[str, InferencePath] = {}
+class QuantizedLinearPath(InferencePath):
+    """An integer-kernel path for quantized Linear layers: the checks every such kernel makes first.
+
+    Subclasses set :attr:`devices`, say which of torch's ops they lack with :meth:`missing_ops`, and check the grid
+    (group size, bits) in :meth:`unsupported_grid`.
+    """
+
+    #: device types the kernel runs on
+    devices: tuple[str, ...] = ()
+
+    def missing_ops(self, device_type: str) -> str | None:
+        """The ops this torch build lacks for ``device_type`` (``None``: it has them)."""
+        return None
+
+    def unsupported_grid(self, module: nn.Module, device: torch.device) -> str | None:
+        """Why the kernel cannot take this quantized Linear's grid (``None``: it can)."""
+        return None
+
+    def unsupported(self, module: nn.Module, device: torch.device) -> str | None:
+        if not hasattr(module, "in_features"):
+            return f"{self.name} runs Linear layers, not {type(module).__name__}"
+        if device.type not in self.devices:
+            return f"{self.name} has no kernel for device {device.type!r}"
+        missing = self.missing_ops(device.type)
+        if missing:
+            return f"this torch build ({torch.__version__}) lacks {missing}"
+        if not module.spec.quantized:
+            return f"format {module.format_name!r} stores unquantized values"
+        return self.unsupported_grid(module, device)
+
+
+#: the inference paths, by name; the built-in ones load on first lookup ("auto" is reserved for the chooser)
+PATHS: Registry[InferencePath] = Registry(
+    "inference path",
+    "path",
+    builtins={
+        "reference": "hfcompress.kernels.reference",
+        "dequant_cache": "hfcompress.kernels.dequant_cache",
+        "int4pack": "hfcompress.kernels.int4pack",
+        "int8pack": "hfcompress.kernels.int8pack",
+        "gather_rows": "hfcompress.kernels.gather_rows",
+    },
+    reserved=("auto",),
+)
 
 
 def register_path(cls: type[InferencePath]) -> type[InferencePath]:
     """Class decorator registering an :class:`InferencePath` under its ``name``."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} needs a non-empty `name` to be registered as an inference path.")
-    if cls.name in _PATHS or cls.name == "auto":
-        raise ValueError(f"Inference path {cls.name!r} is already registered (or reserved).")
-    _PATHS[cls.name] = cls()
+    PATHS.register(cls.name, cls())
     return cls
 
 
 def get_path(name: str) -> InferencePath:
-    try:
-        return _PATHS[name]
-    except KeyError:
-        raise ValueError(
-            f"Unknown inference path {name!r}; choose 'auto' or one of {sorted(_PATHS)}."
-        ) from None
+    """The inference path called ``name`` (``ValueError`` listing the choices otherwise)."""
+    return PATHS.get(name)
 
 
 def registered_paths() -> dict[str, InferencePath]:
-    return dict(_PATHS)
+    """Every registered inference path (built-ins loaded), by name."""
+    return PATHS.items()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..formats.bitpack import unpack_codes
+from ..bitpack import unpack_codes
 from ..grid import dequantize, num_groups, quantize
 
 

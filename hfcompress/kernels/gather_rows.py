@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..formats.bitpack import unpack_codes
+from ..bitpack import unpack_codes
 from ..grid import dequantize, num_groups
 from .base import InferencePath, Prepared, register_path
 

@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..formats.bitpack import pack_codes
+from ..bitpack import pack_codes
 from ..grid import expand_groups
-from .base import InferencePath, Prepared, register_path
+from .base import Prepared, QuantizedLinearPath, register_path
 from .codes import expand_to_kernel_groups, invert_nibble_layout, kernel_groups, module_codes
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -78,20 +78,17 @@ def _mm(device_type: str):
 
 
 @register_path
-class Int4PackPath(InferencePath):
+class Int4PackPath(QuantizedLinearPath):
     name = "int4pack"
     description = "PyTorch packed-int4 weight-only matmul (CPU/CUDA tinygemm); 2-8-bit codes, bfloat16 compute"
 
-    def unsupported(self, module: nn.Module, device: torch.device) -> str | None:
-        if not hasattr(module, "in_features"):
-            return f"int4pack runs Linear layers, not {type(module).__name__}"
-        if device.type not in _ROW_MULTIPLE:
-            return f"int4pack has no kernel for device {device.type!r}"
-        if not _ops_available(device.type):
-            return f"this torch build ({torch.__version__}) lacks the packed-int4 {device.type} ops"
+    devices = tuple(_ROW_MULTIPLE)
+
+    def missing_ops(self, device_type: str) -> str | None:
+        return None if _ops_available(device_type) else f"the packed-int4 {device_type} ops"
+
+    def unsupported_grid(self, module: nn.Module, device: torch.device) -> str | None:
         spec = module.spec
-        if not spec.quantized:
-            return f"format {module.format_name!r} stores unquantized values"
         cols = module.shape2d[1]
         if kernel_groups(cols, spec.group_size, GROUP_SIZES, self._col_multiple(device, cols)) is None:
             return f"group_size={spec.group_size} is not a multiple of 32 (kernel groups are 32, 64, 128 or 256 wide)"

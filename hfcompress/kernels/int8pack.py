@@ -18,28 +18,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..formats.bitpack import pack_codes
-from .base import InferencePath, Prepared, register_path
+from ..bitpack import pack_codes
+from .base import Prepared, QuantizedLinearPath, register_path
 from .codes import KernelUnsupported, module_codes
 
 _COL_MULTIPLE = 16
 
 
 @register_path
-class Int8PackPath(InferencePath):
+class Int8PackPath(QuantizedLinearPath):
     name = "int8pack"
     description = "PyTorch int8 weight-only matmul (per-channel scales), 2-8-bit codes, bfloat16 compute"
 
-    def unsupported(self, module: nn.Module, device: torch.device) -> str | None:
-        if not hasattr(module, "in_features"):
-            return f"int8pack runs Linear layers, not {type(module).__name__}"
-        if device.type not in ("cpu", "cuda"):
-            return f"int8pack has no kernel for device {device.type!r}"
-        if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
-            return f"this torch build ({torch.__version__}) lacks aten._weight_int8pack_mm"
+    devices = ("cpu", "cuda")
+
+    def missing_ops(self, device_type: str) -> str | None:
+        return None if hasattr(torch.ops.aten, "_weight_int8pack_mm") else "aten._weight_int8pack_mm"
+
+    def unsupported_grid(self, module: nn.Module, device: torch.device) -> str | None:
         spec = module.spec
-        if not spec.quantized:
-            return f"format {module.format_name!r} stores unquantized values"
         cols = module.shape2d[1]
         if spec.group_size is not None and spec.group_size < cols:
             return f"int8pack has one scale per output channel; group_size={spec.group_size} < {cols} columns"

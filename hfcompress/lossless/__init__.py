@@ -5,7 +5,7 @@ Float weights (bfloat16, float16, float32) keep sign and mantissa raw and entrop
 (chunks decode in parallel threads), checksummed (damage raises :class:`LosslessFormatError`, never wrong
 values) and self-describing (dtype and shape are in the header). Checkpoints decode on load or, with
 ``HfCompressConfig(lossless_decode="lazy" | "first_forward")``, at forward time
-(:mod:`hfcompress.lossless.lazy`). See :mod:`hfcompress.lossless.codec` for the byte layout and
+(:mod:`hfcompress.storage.lazy`). See :mod:`hfcompress.lossless.codec` for the byte layout and
 :mod:`hfcompress.formats.lossless` for how payloads are stored in checkpoints.
 """
 
@@ -19,7 +19,6 @@ from .codec import (
     read_info,
 )
 from .coder import DECODER
-from .lazy import deferred, materialize
 from .planes import supported
 
 __all__ = [
@@ -29,9 +28,7 @@ __all__ = [
     "PayloadInfo",
     "decode_tensor",
     "default_threads",
-    "deferred",
     "encode_tensor",
-    "materialize",
     "read_info",
     "supported",
 ]

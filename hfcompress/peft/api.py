@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,6 +40,7 @@ from torch import nn
 from ..modules import CompressedLinear, CompressedModule
 from .layer import CompressedLoraLinear, register_compressed_lora
 from .merge import MergeReport
+from ..outputs import write_file_atomic
 
 __all__ = [
     "POLICY_FILE",
@@ -162,10 +162,7 @@ def save_adapter(peft_model: PeftModel, path: str | os.PathLike, **kwargs: Any) 
     path = Path(path)
     policy = lora_policy(peft_model)
     peft_model.save_pretrained(str(path), **kwargs)
-    fd, tmp = tempfile.mkstemp(dir=path, prefix=".hfcompress_lora.", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(policy, f, indent=2)
-    os.replace(tmp, path / POLICY_FILE)
+    write_file_atomic(path / POLICY_FILE, json.dumps(policy, indent=2))
     return path
 
 

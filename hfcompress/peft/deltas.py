@@ -40,7 +40,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,9 +50,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..formats.bitpack import pack_codes, unpack_codes
+from ..bitpack import pack_codes, unpack_codes
 from ..modules import CompressedModule
-from ..outputs import OutputFolder
+from ..outputs import OutputFolder, write_file_atomic
 from .masks import sparsity_mask
 
 __all__ = [
@@ -198,15 +197,7 @@ class CompressedDelta:
             "mask_codec": "zstd",
         }
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(out, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return write_file_atomic(path, lambda tmp: save_file(out, tmp, metadata=metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CompressedDelta":

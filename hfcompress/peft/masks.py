@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from ..formats.bitmask import unpack_mask
-from ..formats.bitpack import unpack_codes
+from ..bitpack import unpack_codes
 from ..grid import num_groups
 from ..modules import CompressedModule
-from ..sparsity.nm import nm_groups, patterns_from_ranks, unpack_nm_index
+from ..sparsity.nm_index import nm_groups, patterns_from_ranks, unpack_nm_index
 
 __all__ = ["base_grid", "model_sparsity", "sparsity_mask", "sparsity_masks"]
 

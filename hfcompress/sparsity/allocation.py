@@ -12,27 +12,26 @@ Chosen with ``method_args={"allocation": ...}`` on any pruning method (unstructu
 
 Whatever the scores, the result is turned into integer pruned counts per layer summing to exactly
 ``round(s * total weights)`` (each layer capped at ``max_sparsity``); a layer's sparsity is recorded as
-``count / numel``, which the mask functions turn back into exactly ``count``. :func:`allocate_layer_specs`
-returns ``{module: LayerSpec}``; :func:`hfcompress.oneshot` writes them into the saved config's
-``overrides`` so the checkpoint reloads with plain ``from_pretrained``.
+``count / numel``, which the mask functions turn back into exactly ``count``. This module is the math;
+:func:`hfcompress.plan.allocation.allocate_layer_specs` applies it to a model and
+:func:`hfcompress.plan.allocation.allocated_config` pins the result in the config's ``overrides`` so the
+checkpoint reloads with plain ``from_pretrained``.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable
 
 import torch
-from torch import nn
 
-from ..spec import LayerSpec
-from .prune import ALLOCATIONS, allocation_of
+from .masks import check_sparsity
 
 __all__ = [
     "ALLOCATIONS",
-    "allocate_layer_specs",
+    "ALLOCATION_ARGS",
     "allocation_of",
+    "block_of",
     "apportion",
     "global_counts",
     "lamp_scores",
@@ -137,118 +136,28 @@ def owl_sparsities(
     return {n: float(1 - d) for n, d in zip(names, density.tolist())}
 
 
-def _block_of(name: str) -> str:
+#: ``method_args`` every pruning method accepts: they drive the per-layer allocation that runs before it
+ALLOCATION_ARGS = {"allocation": "uniform", "owl_lambda": 0.08, "owl_threshold": 5.0, "max_sparsity": 0.99}
+#: values of ``method_args["allocation"]`` (see this module's docstring)
+ALLOCATIONS = ("uniform", "global", "lamp", "owl")
+
+
+def allocation_of(method_args: dict | None) -> dict:
+    """The allocation settings of ``method_args`` (defaults filled in, validated)."""
+    args = {k: (method_args or {}).get(k, v) for k, v in ALLOCATION_ARGS.items()}
+    if args["allocation"] not in ALLOCATIONS:
+        raise ValueError(f"method_args['allocation']={args['allocation']!r} is not supported; use one of {ALLOCATIONS}.")
+    lam = args["owl_lambda"]
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 <= lam < 0.5:
+        raise ValueError(f"method_args['owl_lambda']={lam!r} must be a number in [0, 0.5), e.g. 0.08.")
+    thr = args["owl_threshold"]
+    if isinstance(thr, bool) or not isinstance(thr, (int, float)) or thr <= 0:
+        raise ValueError(f"method_args['owl_threshold']={thr!r} must be a positive number, e.g. 5.")
+    check_sparsity(args["max_sparsity"], "method_args['max_sparsity']")
+    return args
+
+
+def block_of(name: str) -> str:
+    """The transformer block a module belongs to (``model.layers.3.mlp.up_proj`` -> ``model.layers.3``)."""
     match = _BLOCK.match(name)
     return match.group(1) if match else name
-
-
-@torch.no_grad()
-def _outlier_ratios(model: nn.Module, names: list[str], batches: Iterable[dict], threshold: float) -> dict[str, float]:
-    """Share of Wanda outliers per block, on the dense model's activations (one forward over ``batches``)."""
-    from ..calibration.stats import StatsCollector
-
-    modules = {n: model.get_submodule(n) for n in names}
-    with StatsCollector(modules, {"act_sq"}) as collector:
-        for batch in batches:
-            model(**batch)
-    counts: dict[str, list[float]] = {}
-    for name in names:
-        w = modules[name].weight.detach().float()
-        w = w.reshape(w.shape[0], -1)
-        score = w.abs() * collector.stats(name).act_sq.to(w.device).clamp(min=0).sqrt().unsqueeze(0)
-        outliers = float((score > threshold * score.mean()).sum())
-        acc = counts.setdefault(_block_of(name), [0.0, 0.0])
-        acc[0] += outliers
-        acc[1] += score.numel()
-    return {block: o / n for block, (o, n) in counts.items()}
-
-
-def allocate_layer_specs(
-    model: nn.Module,
-    plan: dict[str, LayerSpec],
-    method_args: dict | None,
-    batches: Callable[[], Iterable[dict]] | Iterable[dict] | None = None,
-) -> dict[str, LayerSpec] | None:
-    """Per-module specs for the allocation in ``method_args`` (``None`` for ``"uniform"``).
-
-    Layers whose spec does not prune are left out. ``batches`` (model inputs, or a callable returning
-    them) is needed by ``"owl"`` only.
-    """
-    args = allocation_of(method_args)
-    kind = args["allocation"]
-    if kind == "uniform":
-        return None
-    pruned = {n: s for n, s in plan.items() if s.sparse}
-    if not pruned:
-        raise ValueError(f"method_args['allocation']={kind!r} needs a sparsity to distribute; the config prunes nothing.")
-    structured = sorted({s.sparsity_structure for s in pruned.values() if s.nm is not None})
-    if structured:
-        raise ValueError(
-            f"method_args['allocation']={kind!r} redistributes unstructured sparsity; sparsity_structure={structured[0]!r} "
-            "fixes every layer's pattern. Use allocation='uniform' with N:M."
-        )
-    sizes = {n: _numel(model, n) for n in pruned}
-    total = sum(round(s.sparsity * sizes[n]) for n, s in pruned.items())
-    target = total / sum(sizes.values())
-    caps = {n: math.floor(args["max_sparsity"] * sizes[n]) for n in pruned}
-    if kind in ("global", "lamp"):
-        scores = {}
-        for n in pruned:
-            w = model.get_submodule(n).weight
-            scores[n] = lamp_scores(w) if kind == "lamp" else torch.sort(w.detach().float().reshape(-1).abs()).values
-        counts = global_counts(scores, total, caps)
-        del scores
-    else:  # owl
-        if batches is None:
-            raise ValueError("method_args['allocation']='owl' needs calibration data; run it through hfcompress.oneshot.")
-        data = batches() if callable(batches) else batches
-        ratios = _outlier_ratios(model, list(pruned), data, args["owl_threshold"])
-        per_block = owl_sparsities(ratios, target, args["owl_lambda"])
-        wanted = {n: per_block[_block_of(n)] * sizes[n] for n in pruned}
-        counts = apportion(wanted, sizes, total, args["max_sparsity"])
-    out = {}
-    for n, spec in pruned.items():
-        if counts[n] == 0 and not spec.quantized:
-            raise ValueError(
-                f"allocation={kind!r} leaves {n!r} unpruned and it is not quantized, so it would not be compressed; "
-                "add it to the config's ignore list or pick another allocation (e.g. 'lamp')."
-            )
-        out[n] = spec.with_updates(sparsity=counts[n] / sizes[n])
-    return out
-
-
-def _numel(model: nn.Module, name: str) -> int:
-    return model.get_submodule(name).weight.numel()
-
-
-def _pinned_names(config) -> set[str]:
-    """Module names pinned by exact-name overrides (``re:^name$``), as :func:`hfcompress.oneshot` writes them."""
-    names = set()
-    for override in config.overrides:
-        for pattern in override.get("targets", []):
-            if pattern.startswith("re:^") and pattern.endswith("$") and "sparsity" in override:
-                names.add(re.sub(r"\\(.)", r"\1", pattern[4:-1]))
-    return names
-
-
-def allocation_pending(config) -> bool:
-    """Whether ``config`` asks for a non-uniform allocation not yet pinned in its overrides (exact-name entries)."""
-    if not config.method_args or allocation_of(config.method_args)["allocation"] == "uniform":
-        return False
-    return not _pinned_names(config)
-
-
-def allocated_config(model: nn.Module, config, plan=None, batches=None, layer_specs=None):
-    """``(config, plan)`` with the allocation of ``config.method_args`` pinned per module in ``overrides``.
-
-    Unchanged when the allocation is uniform, already pinned, or ``layer_specs`` were given explicitly.
-    """
-    from ..targets import resolve_layers
-
-    plan = resolve_layers(model, config) if plan is None else plan
-    if layer_specs or not allocation_pending(config):
-        return config, plan
-    specs = allocate_layer_specs(model, plan, config.method_args, batches)
-    from ..oneshot import config_with_layer_specs
-
-    return config_with_layer_specs(model, config, specs)

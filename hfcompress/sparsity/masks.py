@@ -13,9 +13,10 @@ import math
 
 import torch
 
-from ..spec import MAX_NM_M
+from ..spec import MAX_NM_M, LayerSpec
 
 __all__ = [
+    "mask_for_spec",
     "check_sparsity",
     "lowest_k_mask",
     "nm_mask",
@@ -133,3 +134,13 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     keep = torch.zeros_like(g, dtype=torch.bool)
     keep.scatter_(-1, order[..., :n], True)
     return keep.reshape(rows, -1)[:, :cols]
+
+
+def mask_for_spec(scores: torch.Tensor, spec: LayerSpec, per_row: bool = False) -> torch.Tensor:
+    """Keep-mask with exactly the sparsity/pattern of ``spec`` (all-true when the spec does not prune)."""
+    nm = spec.nm
+    if nm is not None:
+        return nm_mask(scores, *nm)
+    if not spec.sparse:
+        return torch.ones_like(scores, dtype=torch.bool)
+    return unstructured_mask(scores, spec.sparsity, per_row=per_row)

@@ -45,8 +45,8 @@ from ..calibration.pipeline import run_calibration
 from ..config import HfCompressConfig
 from ..integrity import CHECKSUMS_KEY, checksum_metadata
 from ..modules import CompressedModule, compressed_twin, set_submodule
-from ..outputs import check_containment, check_replaceable
-from ..targets import resolve_layers
+from ..outputs import check_containment, check_replaceable, write_file_atomic
+from ..plan.targets import resolve_layers
 from .reader import CheckpointReader
 from .writer import ShardWriter, partial_dir
 
@@ -206,10 +206,7 @@ def _hidden_path(work: Path, unit: int) -> Path:
 
 
 def _save_hidden(work: Path, unit: int, hidden: list[torch.Tensor]) -> None:
-    path = _hidden_path(work, unit)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save([h.to("cpu") for h in hidden], tmp)
-    os.replace(tmp, path)
+    write_file_atomic(_hidden_path(work, unit), lambda tmp: torch.save([h.to("cpu") for h in hidden], tmp))
 
 
 class _ActivationSpill:
@@ -353,7 +350,7 @@ def compress_checkpoint(
     check_replaceable(out, overwrite, "out")
     size = parse_size(shard_size)
     method = get_method(config.method)
-    from ..sparsity.allocation import allocation_pending
+    from ..plan.allocation import allocation_pending
 
     if allocation_pending(config):
         raise ValueError(
@@ -422,7 +419,7 @@ def compress_checkpoint(
     metadata = {"format": "pt", **checksum_metadata({}, config)}
     metadata.pop(CHECKSUMS_KEY)  # each part records its own tensors
     if config.lossless:
-        from ..lossless.loader import METADATA_KEY
+        from ..storage.loader import METADATA_KEY
 
         metadata[METADATA_KEY] = "1"
     work = partial_dir(out)

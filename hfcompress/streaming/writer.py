@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from ..checkpoint import data_start, read_header
 from ..integrity import CHECKSUMS_KEY, checksum_metadata, tensor_record
-from ..outputs import MARKER, OutputPathError, copy_contained, is_our_folder, move_into_place, write_marker
+from ..outputs import MARKER, OutputPathError, copy_contained, is_our_folder, move_into_place, write_file_atomic, write_marker
 from .reader import INDEX_NAME, SINGLE_NAME
 
 __all__ = ["ShardWriter", "PROGRESS_NAME", "partial_dir"]
@@ -42,9 +42,7 @@ def partial_dir(out: Path) -> Path:
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_file_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _merge_safetensors(parts: list[Path], dst: Path, metadata: dict[str, str]) -> None:

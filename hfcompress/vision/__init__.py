@@ -19,20 +19,13 @@ from .data import (
     image_calibration_batches,
     image_column_of,
 )
-from .fashion_mnist import ARCHITECTURES, build_model, fashion_mnist_image_processor, fashion_mnist_model_path, to_rgb, train
 
 __all__ = [
-    "ARCHITECTURES",
     "FASHION_MNIST_CLASSES",
-    "build_model",
     "fashion_mnist_arrays",
     "fashion_mnist_available",
     "fashion_mnist_dataset",
     "fashion_mnist_dir",
-    "fashion_mnist_image_processor",
-    "fashion_mnist_model_path",
     "image_calibration_batches",
     "image_column_of",
-    "to_rgb",
-    "train",
 ]

@@ -20,7 +20,7 @@ import gguf
 import numpy as np
 import torch
 
-from ... import __version__
+from ..._version import __version__
 from ..base import ExportError, ExportReport, LayerExport, weight_error
 from ..source import ExportSource
 from .arch import architecture_of, qk_row_order, write_metadata

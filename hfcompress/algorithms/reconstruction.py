@@ -21,32 +21,18 @@ from __future__ import annotations
 import torch
 
 from ..spec import LayerSpec
-from .prune import mask_for_spec
+from .hessian import prepare_hessian
+from ..sparsity.masks import mask_for_spec
 
-__all__ = ["admm_prune", "admm_update", "prepare_hessian"]
-
-
-def prepare_hessian(weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """float32 copies of ``weight`` and ``hessian`` with dead inputs (zero diagonal) handled as in GPTQ:
-    their Hessian diagonal set to 1 and their weights zeroed (no calibration input ever reaches them)."""
-    w = weight.float().clone()
-    h = hessian.float().clone()
-    if h.shape != (w.shape[1], w.shape[1]):
-        raise ValueError(f"hessian has shape {tuple(h.shape)}, expected {(w.shape[1], w.shape[1])} for a weight of shape {tuple(w.shape)}.")
-    if not torch.isfinite(h).all():
-        raise FloatingPointError("The Hessian holds non-finite values; check the calibration inputs.")
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    return w, h, dead
+__all__ = ["admm_prune", "admm_update"]
 
 
 class _Solver:
     """``(H + rho I)^-1`` for many ``rho`` from one eigendecomposition of the normalised Hessian."""
 
-    def __init__(self, w: torch.Tensor, h: torch.Tensor, dampening: float) -> None:
+    def __init__(self, w: torch.Tensor, h: torch.Tensor, damp: float) -> None:
         h = h.double()
-        h = h + torch.eye(h.shape[0], dtype=h.dtype) * (dampening * float(torch.diagonal(h).mean()))
+        h = h + torch.eye(h.shape[0], dtype=h.dtype) * (damp * float(torch.diagonal(h).mean()))
         self.norm = torch.diagonal(h).sqrt()
         hn = h / self.norm.unsqueeze(0) / self.norm.unsqueeze(1)
         evals, self.vecs = torch.linalg.eigh(hn)
@@ -86,13 +72,13 @@ def admm_update(
     rho: float = 0.1,
     growth: float = 1.3,
     every: int = 3,
-    dampening: float = 0.01,
+    damp: float = 0.01,
 ) -> torch.Tensor:
     """Weights ``[rows, cols]`` supported on ``keep`` that (approximately) minimise the layer's output error."""
     if iters < 1:
         raise ValueError(f"iters={iters} must be a positive integer.")
-    w, h, dead = prepare_hessian(weight, hessian)
-    solver = _Solver(w, h, dampening)
+    w, h, dead = prepare_hessian(weight, hessian, torch.float32)
+    solver = _Solver(w, h, damp)
     keep = keep.bool() & ~dead.unsqueeze(0)
     z, _ = _iterate(solver, lambda t, v: keep if t == 0 else None, iters, rho, growth, every)
     return (z / solver.norm.float()) * keep
@@ -109,7 +95,7 @@ def admm_prune(
     growth: float = 1.3,
     every: int = 3,
     gradual: bool = True,
-    dampening: float = 0.01,
+    damp: float = 0.01,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose a mask of ``spec``'s sparsity/pattern and its weights; returns ``(weight, keep)``.
 
@@ -120,8 +106,8 @@ def admm_prune(
     """
     if iters < 1:
         raise ValueError(f"iters={iters} must be a positive integer.")
-    w, h, dead = prepare_hessian(weight, hessian)
-    solver = _Solver(w, h, dampening)
+    w, h, dead = prepare_hessian(weight, hessian, torch.float32)
+    solver = _Solver(w, h, damp)
     mask_iters = max(1, (2 * iters) // 3 if mask_iters is None else mask_iters)
     steps = list(range(0, mask_iters, every))
     gradual = gradual and spec.nm is None

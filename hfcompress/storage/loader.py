@@ -4,7 +4,7 @@
   payload to ``<name>`` and decodes it (:class:`LosslessDecode`), so the model receives ordinary tensors:
   dense parameters, tied embeddings and the buffers of compressed modules alike; with
   ``lossless_decode="lazy"``/``"first_forward"`` plain modules' payloads are verified and kept coded
-  (:mod:`hfcompress.lossless.lazy`). A damaged payload fails its checksum; the :class:`LoadSession` collects
+  (:mod:`hfcompress.storage.lazy`). A damaged payload fails its checksum; the :class:`LoadSession` collects
   every such tensor and ``from_pretrained`` stops with a :class:`LosslessFormatError` naming them.
 * Saving: :func:`lossless_state_dict` is the model's state dict with tied duplicates removed (as
   ``save_pretrained`` would) and every tensor worth it replaced by its payload.
@@ -20,7 +20,7 @@ import torch
 from transformers.core_model_loading import ConversionOps, WeightConverter
 
 from ..formats import lossless as fmt
-from .codec import LosslessFormatError, decode_tensor, read_info, verify_payload
+from ..lossless.codec import LosslessFormatError, decode_tensor, read_info, verify_payload
 from .lazy import keep_coded, placeholder
 
 #: the loader pattern: a stored name ending with the suffix (it maps to the name without it)
@@ -64,7 +64,7 @@ class LosslessDecode(ConversionOps):
     """Loader op: decode one ``<name>_lossless`` payload into the tensor ``<name>`` (exact bits).
 
     With a :class:`LoadSession` in a deferred mode, tensors of plain modules are verified (checksums) and left
-    coded: the op returns a placeholder and records the payload for :func:`hfcompress.lossless.lazy.defer`.
+    coded: the op returns a placeholder and records the payload for :func:`hfcompress.storage.lazy.defer`.
     Damage is recorded in the session (the tensor is left out) instead of raised, when there is a session.
     """
 

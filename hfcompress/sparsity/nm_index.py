@@ -5,7 +5,7 @@ pattern is stored as its rank in the *colexicographic* order of combinations: ke
 ``c_1 < ... < c_n`` (0-based) rank as ``sum_i C(c_i, i)``. A rank takes ``ceil(log2 C(m, n))`` bits:
 3 bits per group for 2:4 (0.75 bit/weight, against 1 bit for a bitmask or for two 2-bit indices),
 7 bits for 4:8. Ranks are bit-packed row by row with the little-endian bit stream of
-:mod:`hfcompress.formats.bitpack`, so any row decodes alone. Converting to the 2-bit-index metadata
+:mod:`hfcompress.bitpack`, so any row decodes alone. Converting to the 2-bit-index metadata
 of sparse tensor cores is a table lookup.
 """
 
@@ -16,7 +16,7 @@ from functools import lru_cache
 
 import torch
 
-from ..formats.bitpack import pack_codes, packed_row_bytes, unpack_codes
+from ..bitpack import pack_codes, packed_row_bytes, unpack_codes
 from .masks import pad_to_groups, validate_nm
 
 __all__ = [

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoint import SAFETENSORS_DTYPES, check_stored_keys, loader_renaming, read_header, read_index, read_tensor_index, shard_paths
-from ..config import QUANT_METHOD, HfCompressConfig
-from ..integrity import verify_files
+from .checkpoint import SAFETENSORS_DTYPES, check_stored_keys, loader_renaming, read_header, read_index, read_tensor_index, shard_paths
+from .config import QUANT_METHOD, HfCompressConfig
+from .integrity import verify_files
 
 __all__ = ["checkpoint_files", "inspect_checkpoint", "layer_groups", "load_saved_config"]
 
@@ -100,13 +100,13 @@ def inspect_checkpoint(
         FileNotFoundError: no config.json or no safetensors weights.
         ValueError: the stored tensors do not match what the config says (damaged or foreign checkpoint).
     """
-    from ..modules import compressed_twin, set_submodule
-    from ..targets import resolve_layers
+    from .modules import compressed_twin, set_submodule
+    from .plan.targets import resolve_layers
 
     folder = Path(folder)
     model_config = load_saved_config(folder)
     files = checkpoint_files(folder)
-    from ..formats import lossless as lossless_format
+    from .formats import lossless as lossless_format
 
     file_of: dict[str, Path] = {}
     stored_bytes: dict[str, int] = {}  # stored name -> bytes in the file
@@ -187,9 +187,9 @@ def inspect_checkpoint(
 
 def _verify_payloads(files: list[Path]) -> None:
     """Chunk checksums of every lossless payload (no decoding), naming the file and tensor on damage."""
-    from ..checkpoint import data_start
-    from ..formats.lossless import original_key
-    from ..lossless.codec import verify_payload
+    from .checkpoint import data_start
+    from .formats.lossless import original_key
+    from .lossless.codec import verify_payload
 
     for path in files:
         header = read_header(path)
@@ -221,7 +221,7 @@ def _stored_names(name: str, found: dict, model, original: dict) -> set[str]:
 def _zero_fraction(twin, name: str, found: dict, model, original: dict, file_of: dict, stored_of: dict) -> float:
     from safetensors import safe_open
 
-    from ..lossless.codec import decode_tensor
+    from .lossless.codec import decode_tensor
 
     prefixes = [name + "."]
     base = getattr(model, "base_model_prefix", "")

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from . import codec
+from ..lossless import codec
 
 #: attribute (in ``module.__dict__``) holding ``{local tensor name: _Coded}`` of a module with deferred tensors
 _ATTR = "_hfcompress_lossless_lazy"

@@ -6,8 +6,8 @@ import re
 
 from torch import nn
 
-from .config import HfCompressConfig
-from .spec import LayerSpec
+from ..config import HfCompressConfig
+from ..spec import LayerSpec
 
 #: module classes hfcompress can replace, by the names used in ``targets``
 MODULE_TYPES: dict[str, type[nn.Module]] = {"Linear": nn.Linear, "Conv2d": nn.Conv2d, "Embedding": nn.Embedding}
@@ -29,7 +29,7 @@ def _type_name(module: nn.Module) -> str | None:
 
 
 def _is_compressed(module: nn.Module) -> bool:
-    from .modules import CompressedModule
+    from ..modules import CompressedModule
 
     return isinstance(module, CompressedModule)
 
