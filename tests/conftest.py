@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from fixtures.files import byte_tokenizer
+
 # Tests compare compressed tensors bit for bit across code paths; MKL's strict conditional-numerical-
 # reproducibility mode makes its sums independent of thread scheduling and memory alignment (set before
 # torch's first BLAS call; no measurable cost at these sizes).
@@ -63,39 +65,6 @@ def lossless_dir(dense_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("ll") / "lossless"
     model.save_pretrained(path)
     return path
-
-
-# ---------------------------------------------------------------------- attacks: nothing outside the output changes
-def tree_hash(folder) -> str:
-    """SHA-256 over every entry below ``folder``: relative paths, file bytes, link targets and modes."""
-    import hashlib
-    from pathlib import Path
-
-    folder = Path(folder)
-    digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder).as_posix()
-        if path.is_symlink():
-            digest.update(f"L {rel} -> {os.readlink(path)}\n".encode())
-        elif path.is_dir():
-            digest.update(f"D {rel}\n".encode())
-        else:
-            digest.update(f"F {rel} {path.stat().st_mode & 0o777}\n".encode())
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-def byte_tokenizer(texts=("a",), vocab_size: int = 256, special_tokens=(), pre=None, **kwargs):
-    """A byte-level BPE tokenizer trained on ``texts`` (the 256 byte symbols, then merges up to ``vocab_size``)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre or pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=list(special_tokens))
-    tok.train_from_iterator(list(texts), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import re
 import pytest
 import yaml
 from huggingface_hub import ModelCard
-from hubserver import validate_card_metadata
+from fixtures.hub_server import validate_card_metadata
 
 from hfcompress import HfCompressConfig, compress
 from hfcompress.harness import ModelScore, TaskResult

@@ -11,7 +11,7 @@ from hfcompress import HfCompressConfig, compress, save_compressed
 from hfcompress.cli import main
 from hfcompress.testing.models import tiny_llama
 
-from test_export_compressed_tensors import _byte_tokenizer
+from fixtures.files import byte_tokenizer as _byte_tokenizer
 
 
 @pytest.fixture(scope="module")

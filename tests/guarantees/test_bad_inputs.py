@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tree_hash
+from fixtures.files import tree_hash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn

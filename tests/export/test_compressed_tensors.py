@@ -15,7 +15,7 @@ from hfcompress.export import ExportError, export
 from hfcompress.export.compressed_tensors import pack_int32
 from hfcompress.testing.models import tiny_llama
 
-from conftest import byte_tokenizer, tree_hash
+from fixtures.files import byte_tokenizer, tree_hash
 
 ct = pytest.importorskip("compressed_tensors")
 CT_VERSION = tuple(int(x) for x in ct.__version__.split(".")[:2])

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 from huggingface_hub import ModelCard, snapshot_download
-from hubserver import local_hub  # noqa: F401  (fixture)
+from fixtures.hub_server import local_hub  # noqa: F401  (fixture)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hfcompress import HfCompressConfig, compress, compressed_modules

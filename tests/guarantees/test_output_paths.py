@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tree_hash
+from fixtures.files import tree_hash
 from transformers import AutoModelForCausalLM
 
 import hfcompress

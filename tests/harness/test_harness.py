@@ -32,7 +32,7 @@ TEXT = "Paris is the capital and largest city of France. " * 40
 
 @pytest.fixture(scope="module")
 def byte_tok():
-    from conftest import byte_tokenizer
+    from fixtures.files import byte_tokenizer
 
     return byte_tokenizer()
 
@@ -264,7 +264,7 @@ def test_harness_script_on_a_model_folder(byte_tok, tmp_path):
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("eval_harness", Path(__file__).resolve().parent.parent / "eval" / "harness.py")
+    spec = importlib.util.spec_from_file_location("eval_harness", Path(__file__).resolve().parents[2] / "eval" / "harness.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     dense = tmp_path / "dense"

@@ -1,6 +1,6 @@
 """Publishing through the real huggingface_hub client against a local Hub-compatible server (no mocks).
 
-The server (tests/hubserver.py) implements the endpoints the client calls: repo creation, preupload,
+The server (tests/fixtures/hub_server.py) implements the endpoints the client calls: repo creation, preupload,
 the Git LFS batch API (basic and multipart transfers), commit, repo info, tree listing and resolve.
 """
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError
-from hubserver import local_hub  # noqa: F401  (fixture)
+from fixtures.hub_server import local_hub  # noqa: F401  (fixture)
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 

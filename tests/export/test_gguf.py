@@ -17,7 +17,7 @@ from hfcompress.export.gguf.vocab import pre_tokenizer_name
 from hfcompress.export.source import QuantizedLayer
 from hfcompress.outputs import OutputPathError
 
-from conftest import byte_tokenizer
+from fixtures.files import byte_tokenizer
 
 gguf = pytest.importorskip("gguf")
 

@@ -13,8 +13,8 @@ import zlib
 
 import pytest
 import torch
-from conftest import tree_hash
-from hubserver import local_hub  # noqa: F401  (fixture)
+from fixtures.files import tree_hash
+from fixtures.hub_server import local_hub  # noqa: F401  (fixture)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
