@@ -8,7 +8,11 @@ A weight matrix ``W[rows, cols]`` (a Linear's ``[out, in]``, a Conv2d flattened 
 stored as the unsigned code ``q = clamp(round(w / s) + z, 0, 2**bits - 1)``; it decodes to
 ``(q - z) * s``.
 
-* symmetric: ``z = 2**(bits-1)`` for every group (not stored), ``s = 2 * max|w| / (2**bits - 1)``.
+* symmetric: ``z = 2**(bits-1)`` for every group (not stored), ``s = 2 * max|w| / (2**bits - 1)``. The codes
+  reach one step further below zero than above (``-2**(bits-1) .. 2**(bits-1) - 1``), so the ``mse`` search
+  (:func:`compute_qparams`) also tries *signed* scales that put the group's extreme weight on the wide side,
+  ``s = -w_ext / 2**(bits-1)`` (llama.cpp's Q4_0 grid), or exactly on the narrow one, ``s = w_ext / (2**(bits-1) - 1)``;
+  a negative scale decodes with the same formula.
 * asymmetric: ``s = (max(w, 0) - min(w, 0)) / (2**bits - 1)``, ``z = round(-min(w, 0) / s)``, stored.
 
 Scales are rounded to ``scale_dtype`` *before* the codes are computed, so the stored grid is exactly
@@ -96,13 +100,25 @@ def _qparams_from_range(
         xmin = xmin.clamp(max=0)
         xmax = xmax.clamp(min=0)
         scale = (xmax - xmin) / maxq
-    tiny = torch.finfo(scale_dtype).tiny
-    scale = scale.clamp(min=tiny).to(scale_dtype)
-    scale = torch.where(scale > 0, scale, torch.full_like(scale, tiny))  # rounding to scale_dtype can hit 0
+    scale = _rounded_scale(scale, scale_dtype)
     if symmetric:
         return scale, None
-    zero = torch.round(-xmin / scale.float()).clamp(0, maxq).to(torch.uint8)
-    return scale, zero
+    return scale, torch.round(-xmin / scale.float()).clamp(0, maxq).to(torch.uint8)
+
+
+def _rounded_scale(scale: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+    """``scale`` in ``scale_dtype``, its magnitude at least the dtype's ``tiny`` (rounding can hit 0), sign kept."""
+    tiny = torch.finfo(scale_dtype).tiny
+    sign = torch.where(scale < 0, -1.0, 1.0)
+    out = (scale.abs().clamp(min=tiny) * sign).to(scale_dtype)
+    return torch.where(out != 0, out, (sign * tiny).to(scale_dtype))
+
+
+def _signed_scales(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, scale_dtype: torch.dtype) -> list[torch.Tensor]:
+    """Symmetric scales that map the group's extreme weight exactly onto the lowest code or the highest one."""
+    ext = torch.where(xmax.abs() >= xmin.abs(), xmax, xmin)
+    half = float(1 << (bits - 1))
+    return [_rounded_scale(-ext / half, scale_dtype), _rounded_scale(ext / (half - 1), scale_dtype)]
 
 
 def compute_qparams(
@@ -120,7 +136,9 @@ def compute_qparams(
     """Scales (and zero points when asymmetric) of ``w[rows, cols]``.
 
     ``clip="mse"`` shrinks each group's range by the factor in ``[clip_min_ratio, 1]`` that minimises
-    ``sum |w - Q(w)|**norm`` over the group (the search GPTQ and llm-compressor call MSE observer);
+    ``sum |w - Q(w)|**norm`` over the group (the search GPTQ and llm-compressor call MSE observer); symmetric
+    grids also try, at every factor, the two signed scales that put the (shrunk) extreme on the lowest or the
+    highest code, so the result is never worse than the positive-scale search and uses the extra negative code;
     ``importance[cols]`` weights each column's error in that sum (calibrated methods pass the input's
     second moment, the diagonal of the layer Hessian: what llama.cpp's importance matrix weights by).
     """
@@ -134,15 +152,18 @@ def compute_qparams(
         raise ValueError(f"clip={clip!r} is not supported; use 'minmax' or 'mse'.")
     weight = None if importance is None else importance.float().reshape(1, -1)
     best_err = _group_error(w, scale, zero, bits, group_size, norm, weight)
-    for i in range(1, clip_grid + 1):
+    for i in range(0, clip_grid + 1):
         ratio = 1.0 - (1.0 - clip_min_ratio) * i / clip_grid
-        s, z = _qparams_from_range(xmin * ratio, xmax * ratio, bits, symmetric, scale_dtype)
-        err = _group_error(w, s, z, bits, group_size, norm, weight)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        scale = torch.where(better, s, scale)
-        if zero is not None:
-            zero = torch.where(better, z, zero)
+        candidates = [] if i == 0 else [_qparams_from_range(xmin * ratio, xmax * ratio, bits, symmetric, scale_dtype)]
+        if symmetric:
+            candidates += [(s, None) for s in _signed_scales(xmin * ratio, xmax * ratio, bits, scale_dtype)]
+        for s, z in candidates:
+            err = _group_error(w, s, z, bits, group_size, norm, weight)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            scale = torch.where(better, s, scale)
+            if zero is not None:
+                zero = torch.where(better, z, zero)
     return scale, zero
 
 

@@ -75,6 +75,21 @@ def test_mse_clip_never_worse_than_minmax():
     assert mse < base
 
 
+def test_signed_scales_use_the_extra_negative_code_and_never_lose():
+    """Symmetric codes span -2**(b-1) .. 2**(b-1)-1: a group whose extreme is positive is better served by a negative
+    scale that puts it on the wide side (llama.cpp's Q4_0 grid). The mse search tries both signs at every range."""
+    w = torch.tensor([[1.0, 0.5, -0.25, 0.75, 0.125, -0.5, 0.875, 0.0]])  # extreme +1: minmax step 2/15 clips it to 7/7.5
+    q = quantize_rtn(w, 4, 8, clip="mse", scale_dtype=torch.float32)
+    assert q.scale.item() == pytest.approx(-1 / 8)  # 1.0 lands exactly on code 0 (value -8 * -1/8)
+    assert torch.equal(q.dequantize(), w)  # every weight here is a multiple of 1/8: exact
+    g = torch.Generator().manual_seed(3)
+    for bits in (2, 3, 4, 8):
+        x = torch.randn(32, 128, generator=g)
+        err = {c: (quantize_rtn(x, bits, 32, clip=c).dequantize() - x).pow(2).sum(-1) for c in ("minmax", "mse")}
+        assert bool((err["mse"] <= err["minmax"] * (1 + 1e-6)).all())  # per row: the search keeps minmax as a candidate
+        assert float(err["mse"].sum()) < float(err["minmax"].sum())
+
+
 def test_scales_are_rounded_before_codes():
     w = torch.randn(8, 96, generator=torch.Generator().manual_seed(1))
     q = quantize_rtn(w, 4, 32, scale_dtype=torch.float16)

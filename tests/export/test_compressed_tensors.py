@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import hfcompress
-from hfcompress import HfCompressConfig, compress, save_compressed
+from hfcompress import HfCompressConfig, compress, compressed_modules, save_compressed
 from hfcompress.export import ExportError, export
 from hfcompress.export.compressed_tensors import pack_int32
 from hfcompress.testing.models import tiny_llama
@@ -63,9 +63,11 @@ def _load_without_hfcompress(out, model, tmp_path, mode: str = "compressed") -> 
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("bits,group_size", [(4, 32), (8, None), (4, None)])
-def test_symmetric_export_loads_in_plain_transformers_bit_exact(tmp_path, bits, group_size):
-    model, src = _saved(tmp_path, HfCompressConfig(bits=bits, group_size=group_size, scale_dtype="bfloat16"))
+@pytest.mark.parametrize("bits,group_size,clip", [(4, 32, "minmax"), (8, None, "minmax"), (4, None, "minmax"), (4, 32, "mse")])
+def test_symmetric_export_loads_in_plain_transformers_bit_exact(tmp_path, bits, group_size, clip):
+    model, src = _saved(tmp_path, HfCompressConfig(bits=bits, group_size=group_size, scale_dtype="bfloat16", clip=clip))
+    if clip == "mse":  # signed scales (the extreme on the wide side of the code range) decode the same way
+        assert any(bool((m.weight_scale < 0).any()) for m in compressed_modules(model).values())
     before = tree_hash(src)
     report = export(src, tmp_path / "ct", to="compressed-tensors")
     assert report.exact and len(report.layers) == 14

@@ -73,6 +73,8 @@ def test_every_architecture_decodes_bit_exact(tmp_path, model_type):
     assert reader.fields["general.quantized_by"].contents() == "hfcompress" and is_our_gguf(out)
     by_layer = {layer.name: layer for layer in report.layers}
     n_q = 0
+    scales = torch.cat([m.weight_scale.flatten().float() for m in hfcompress.compressed_modules(model).values()])
+    assert bool((scales < 0).any()) and bool((scales > 0).any())  # the mse search's signed scales (ggml's own grid)
     for name, module in hfcompress.compressed_modules(model).items():
         ours = module.dequantize_weight(torch.float32)
         if model_type == "llama" and name.endswith(("q_proj", "k_proj")):

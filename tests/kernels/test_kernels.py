@@ -58,11 +58,13 @@ GRIDS = {
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
-@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("symmetric,clip", [(True, "minmax"), (False, "minmax"), (True, "mse")], ids=["sym", "asym", "sym-mse"])
 @pytest.mark.parametrize("grid", list(GRIDS))
-def test_every_path_is_within_its_bound(bits, symmetric, grid):
+def test_every_path_is_within_its_bound(bits, symmetric, clip, grid):
     rows, cols, group = GRIDS[grid]
-    m = _linear(LayerSpec(bits=bits, group_size=group, symmetric=symmetric), rows, cols)
+    m = _linear(LayerSpec(bits=bits, group_size=group, symmetric=symmetric, clip=clip), rows, cols)
+    if clip == "mse" and bits <= 4:  # signed scales: every kernel must decode a negative scale like the reference
+        assert bool((m.weight_scale < 0).any())
     ran = []
     for path in ("reference", "dequant_cache", *INT_PATHS):
         if hfcompress.kernels.get_path(path).unsupported(m, CPU):
