@@ -27,6 +27,7 @@ import torch
 
 __all__ = [
     "QuantizedWeight",
+    "group_width",
     "num_groups",
     "group_reduce",
     "expand_groups",
@@ -59,21 +60,29 @@ class QuantizedWeight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.codes, self.scale, self.zero, self.bits, self.group_size, dtype)
 
+    @property
+    def zero_full(self) -> torch.Tensor:
+        """Zero points per (row, group) as int16 (the implicit ``2**(bits-1)`` when symmetric)."""
+        if self.zero is None:
+            return torch.full(self.scale.shape, 1 << (self.bits - 1), dtype=torch.int16, device=self.scale.device)
+        return self.zero.to(torch.int16)
 
-def _effective_group(cols: int, group_size: int | None) -> int:
+
+def group_width(cols: int, group_size: int | None) -> int:
+    """Columns per group of a row of ``cols`` (the whole row for per-channel grids, ``None`` or wider than the row)."""
     return cols if group_size is None or group_size <= 0 or group_size >= cols else group_size
 
 
 def num_groups(cols: int, group_size: int | None) -> int:
     """Groups per row; the last one is ragged when ``group_size`` does not divide ``cols``."""
-    g = _effective_group(cols, group_size)
+    g = group_width(cols, group_size)
     return -(-cols // g)
 
 
 def group_reduce(w: torch.Tensor, group_size: int | None, op: str) -> torch.Tensor:
     """Reduce each (row, group) of ``w[rows, cols]`` with ``op`` in {"amax", "amin", "sum"}."""
     rows, cols = w.shape
-    g = _effective_group(cols, group_size)
+    g = group_width(cols, group_size)
     full = (cols // g) * g
     fn = {"amax": torch.amax, "amin": torch.amin, "sum": torch.sum}[op]
     parts = []
@@ -86,7 +95,7 @@ def group_reduce(w: torch.Tensor, group_size: int | None, op: str) -> torch.Tens
 
 def expand_groups(t: torch.Tensor, cols: int, group_size: int | None) -> torch.Tensor:
     """Broadcast per-group values ``t[rows, n_groups]`` to ``[rows, cols]``."""
-    g = _effective_group(cols, group_size)
+    g = group_width(cols, group_size)
     return t.repeat_interleave(g, dim=1)[:, :cols]
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..formats.base import CompressedWeight
-from ..grid import QuantizedWeight, scale_torch_dtype
+from ..grid import QuantizedWeight, group_width, scale_torch_dtype
 from ..spec import LayerSpec
 from .base import Method, register_method
 from .options import method_options
@@ -38,7 +38,7 @@ QUANTEASE_DEFAULTS: dict[str, Any] = {**GPTQ_DEFAULTS, "sweeps": 5, "cd_damp": 0
 
 
 def _group_bounds(cols: int, group_size: int | None) -> list[tuple[int, int]]:
-    g = cols if group_size is None or group_size >= cols else group_size
+    g = group_width(cols, group_size)
     return [(a, min(a + g, cols)) for a in range(0, cols, g)]
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..formats.base import CompressedWeight
-from ..grid import QuantizedWeight, compute_qparams, dequantize, quantize, scale_torch_dtype
+from ..grid import QuantizedWeight, compute_qparams, dequantize, group_width, quantize, scale_torch_dtype
 from .hessian import prepare_hessian
 from .reconstruction import admm_update
 from ..sparsity.masks import lowest_k_mask, nm_mask, prune_count, split_count
@@ -78,7 +78,7 @@ def sparsegpt_prune(
     hinv = inverse_hessian_factor(h, damp)
     nm = spec.nm
     quant = spec.quantized
-    gsize = cols if spec.group_size is None or spec.group_size >= cols else spec.group_size
+    gsize = group_width(cols, spec.group_size)
     bs = _block_size(block_size, cols, nm[1] if nm else None, spec.group_size if quant else None)
     starts = list(range(0, cols, bs))
     counts = None

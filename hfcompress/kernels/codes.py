@@ -17,37 +17,19 @@ from dataclasses import dataclass
 import torch
 
 from ..bitpack import unpack_codes
-from ..grid import dequantize, num_groups, quantize
+from ..grid import QuantizedWeight, dequantize, group_width, num_groups, quantize
 
 
 class KernelUnsupported(ValueError):
     """A path cannot serve a module (the message says why)."""
 
 
-@dataclass
-class ModuleCodes:
-    """Codes of the dense ``[rows, cols]`` weight on its stored grid: ``(codes - zero) * scale``."""
-
-    codes: torch.Tensor  # uint8 [rows, cols]
-    scale: torch.Tensor  # float32 [rows, n_groups] (exact widening of the stored scale)
-    zero: torch.Tensor | None  # uint8 [rows, n_groups] or None (symmetric: 2**(bits-1))
-    bits: int
-    group_size: int | None
-
-    @property
-    def zero_full(self) -> torch.Tensor:
-        """Zero points per (row, group) as int16 (the implicit ``2**(bits-1)`` when symmetric)."""
-        if self.zero is None:
-            return torch.full(self.scale.shape, 1 << (self.bits - 1), dtype=torch.int16, device=self.scale.device)
-        return self.zero.to(torch.int16)
-
-
 def stored_tensors(module) -> dict[str, torch.Tensor]:
     return {n: t for n, t in module.compressed_tensors().items() if n != "weight_shape"}
 
 
-def module_codes(module) -> ModuleCodes:
-    """The integer codes of a quantized compressed module (any format on the shared grid)."""
+def module_codes(module) -> QuantizedWeight:
+    """The integer codes of a quantized compressed module (any format on the shared grid), scales widened to float32."""
     spec = module.spec
     if not spec.quantized:
         raise KernelUnsupported(f"format {module.format_name!r} stores unquantized values (bits=None), not integer codes")
@@ -70,7 +52,7 @@ def module_codes(module) -> ModuleCodes:
         codes = quantize(dense, scale, zero, spec.bits, spec.group_size)
         if not torch.equal(dequantize(codes, scale, zero, spec.bits, spec.group_size, torch.float32), dense):
             raise KernelUnsupported(f"format {module.format_name!r} does not decode onto its integer grid exactly")
-    return ModuleCodes(codes=codes, scale=scale, zero=zero, bits=spec.bits, group_size=spec.group_size)
+    return QuantizedWeight(codes=codes, scale=scale, zero=zero, bits=spec.bits, group_size=spec.group_size)
 
 
 @dataclass(frozen=True)
@@ -94,8 +76,8 @@ def kernel_groups(cols: int, group_size: int | None, sizes: tuple[int, ...], mul
     ``multiple``) when the width is not one; the padded columns multiply zeros. Prefers the least padding, then
     the largest kernel group. ``None`` when no size fits (e.g. ``group_size=48`` with sizes 32..256).
     """
-    single = group_size is None or group_size >= cols
-    g = cols if single else group_size
+    g = group_width(cols, group_size)
+    single = g == cols
     best = None
     for size in sorted(sizes, reverse=True):
         if not single and g % size:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..grid import group_width
 from .base import Prepared, error_bound, get_path, registered_paths
 from .codes import KernelUnsupported
 
@@ -87,7 +88,7 @@ def candidates(module: nn.Module, device: torch.device, prefer: str = "speed") -
     spec = module.spec
     out: list[str] = []
     if hasattr(module, "in_features") and spec.quantized and module.format_name == "packed":
-        per_channel = spec.group_size is None or spec.group_size >= module.shape2d[1]
+        per_channel = group_width(module.shape2d[1], spec.group_size) == module.shape2d[1]
         out += ["int8pack", "int4pack"] if per_channel and spec.bits > 4 else ["int4pack", "int8pack"]
     if hasattr(module, "num_embeddings") and module.format_name == "packed":
         out.append("gather_rows")  # exact, no memory, touches only the rows looked up
