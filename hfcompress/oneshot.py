@@ -21,7 +21,7 @@ from torch import nn
 
 from .algorithms import get_method
 from .apply import check_compressible, compress, mark_compressed
-from .calibration.data import calibration_batches, check_token_ids
+from .calibration.data import check_token_ids, model_calibration_batches
 from .calibration.pipeline import LayerResult, run_calibration
 from .config import HfCompressConfig
 from .modules import CompressedModule
@@ -31,18 +31,6 @@ from .plan import config_with_layer_specs
 logger = logging.getLogger("hfcompress.calibration")
 
 __all__ = ["oneshot"]
-
-
-def _load_tokenizer(model: nn.Module):
-    name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
-    if name and Path(name).is_dir():
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(name)
-    raise ValueError(
-        "Text calibration data needs a tokenizer and the model was not loaded from a local folder that has one; "
-        "pass tokenizer=AutoTokenizer.from_pretrained(...)."
-    )
 
 
 def _is_image_data(dataset: Any, image_processor: Any, image_column: str | None) -> bool:
@@ -161,15 +149,10 @@ def oneshot(
             main_input_name=main_input,
         )  # fmt: skip
     else:
-        needs_text = not (
-            isinstance(dataset, torch.Tensor)
-            or (isinstance(dataset, (list, tuple)) and dataset and isinstance(dataset[0], dict))
-        )
-        if needs_text and tokenizer is None:
-            tokenizer = _load_tokenizer(model)
-        batches = calibration_batches(
-            dataset, tokenizer, num_samples=num_samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
-            text_column=text_column, dataset_config=dataset_config, split=split, main_input_name=main_input,
+        batches = model_calibration_batches(
+            dataset, tokenizer, tokenizer_from=getattr(getattr(model, "config", None), "_name_or_path", None),
+            main_input_name=main_input, num_samples=num_samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
+            text_column=text_column, dataset_config=dataset_config, split=split,
         )  # fmt: skip
     check_token_ids(batches, model)
     device = _input_device(model)

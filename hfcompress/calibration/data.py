@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import random
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -221,3 +222,41 @@ def check_token_ids(batches: list[dict[str, torch.Tensor]], model: torch.nn.Modu
                 "tokenized for another model. Tokenize it with this model's tokenizer (or pass the text itself)."
             )
 
+
+def is_model_input(dataset: Any) -> bool:
+    """Whether ``dataset`` is ready model inputs (a tensor, or a list of dicts of tensors) rather than text."""
+    return isinstance(dataset, torch.Tensor) or (
+        isinstance(dataset, (list, tuple)) and bool(dataset) and isinstance(dataset[0], Mapping)
+    )
+
+
+def model_calibration_batches(
+    dataset: Any,
+    tokenizer=None,
+    *,
+    tokenizer_from: str | os.PathLike | None = None,
+    main_input_name: str = "input_ids",
+    **options: Any,
+) -> list[dict[str, torch.Tensor]]:
+    """:func:`calibration_batches` for a model: text data without a ``tokenizer`` uses the one saved in the folder
+    ``tokenizer_from`` (the model's own), else a clear error. ``options`` are those of :func:`calibration_batches`
+    (``num_samples``, ``seq_len``, ``seed``, ``batch_size``, ``text_column``, ``dataset_config``, ``split``): the
+    one place ``oneshot`` and ``compress_checkpoint`` turn their calibration arguments into batches."""
+    if tokenizer is None and not is_model_input(dataset):
+        tokenizer = _tokenizer_of(tokenizer_from)
+    return calibration_batches(dataset, tokenizer, main_input_name=main_input_name, **options)
+
+
+def _tokenizer_of(folder: str | os.PathLike | None):
+    message = (
+        "Text calibration data needs a tokenizer and the model was not loaded from a local folder that has one; "
+        "pass tokenizer=AutoTokenizer.from_pretrained(...)."
+    )
+    if not folder or not Path(folder).is_dir():
+        raise ValueError(message)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError):
+        raise ValueError(message.replace("the model was not loaded from a local folder that has one", f"{folder} has none")) from None

@@ -607,22 +607,10 @@ def _calibrate_block(method, method_args, block_inputs, block, i, names, prefix,
 
 
 def _calibration_batches(model, src, dataset, tokenizer, num_samples, seq_len, seed, batch_size, text_column, dataset_config, split):
-    from ..calibration.data import calibration_batches
+    from ..calibration.data import model_calibration_batches
 
-    main_input = getattr(model, "main_input_name", "input_ids")
-    needs_text = not (
-        isinstance(dataset, torch.Tensor) or (isinstance(dataset, (list, tuple)) and dataset and isinstance(dataset[0], dict))
-    )
-    if needs_text and tokenizer is None:
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(src)
-        except (OSError, ValueError):
-            raise ValueError(
-                f"Text calibration data needs a tokenizer and {src} has none; pass tokenizer=AutoTokenizer.from_pretrained(...)."
-            ) from None
-    return calibration_batches(
-        dataset, tokenizer, num_samples=num_samples, seq_len=seq_len, seed=seed, batch_size=batch_size,
-        text_column=text_column, dataset_config=dataset_config, split=split, main_input_name=main_input,
+    return model_calibration_batches(
+        dataset, tokenizer, tokenizer_from=src, main_input_name=getattr(model, "main_input_name", "input_ids"),
+        num_samples=num_samples, seq_len=seq_len, seed=seed, batch_size=batch_size, text_column=text_column,
+        dataset_config=dataset_config, split=split,
     )  # fmt: skip
