@@ -263,3 +263,29 @@ def test_inspect_and_load_leave_the_checkpoint_untouched(tiny_dense_dir, tmp_pat
     with torch.no_grad():
         model(torch.tensor([[1, 2, 3]]))
     assert tree_hash(out) == before
+
+
+def test_small_files_are_replaced_atomically_or_not_at_all(tmp_path):
+    """outputs.write_file_atomic (cards, recipes, eval results, policies, deltas): a failed write leaves the old file
+    and no temporary file; a finished one has the permissions a plain open() gives."""
+    import os
+
+    from hfcompress.outputs import write_file_atomic
+
+    path = tmp_path / "README.md"
+    path.write_text("old")
+
+    def fails(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_file_atomic(path, fails)
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]
+    write_file_atomic(path, "new")
+    write_file_atomic(tmp_path / "b.bin", b"\x00\x01")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.read_text() == "new" and (tmp_path / "b.bin").read_bytes() == b"\x00\x01"
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "b.bin"]
