@@ -16,7 +16,7 @@ from torch import nn
 
 from .kernels.base import get_path
 from .kernels.codes import KernelUnsupported, layout_cache
-from .kernels.select import AUTO, Request, _check_request, _module_device, prepare
+from .kernels.select import AUTO, Request, check_request, module_device, prepare
 from .modules import CompressedModule, compressed_modules
 
 __all__ = ["inference_nbytes", "inference_paths", "set_inference_path"]
@@ -64,7 +64,7 @@ def set_inference_path(
     Raises:
         ValueError: an explicit ``path`` cannot serve some module (nothing is changed then).
     """
-    _check_request(path, prefer)
+    check_request(path, prefer)
     targets = _targets(model, modules)
     if not targets:
         raise ValueError(
@@ -73,7 +73,7 @@ def set_inference_path(
             + "."
         )
     request = Request(path=path, prefer=prefer, release=release, verify=verify)
-    devices = {name: _module_device(m) for name, m in targets.items()}
+    devices = {name: module_device(m) for name, m in targets.items()}
     if path != AUTO:
         bad = {}
         for name, m in targets.items():

@@ -54,7 +54,7 @@ class Request:
     verify: bool | None = None  # None: verify on devices other than the CPU
 
 
-def _check_request(path: str, prefer: str) -> None:
+def check_request(path: str, prefer: str) -> None:
     if not isinstance(path, str) or (path != AUTO and path not in registered_paths()):
         raise ValueError(f"path={path!r} is not an inference path; use 'auto' or one of {sorted(registered_paths())}.")
     if prefer not in PREFERENCES:
@@ -65,7 +65,7 @@ _DEFAULT = Request()
 _env = os.environ.get("HFCOMPRESS_INFERENCE_PATH")
 if _env:
     try:
-        _check_request(_env, "speed")
+        check_request(_env, "speed")
         _DEFAULT = Request(path=_env)
     except ValueError as exc:
         warnings.warn(f"Ignoring HFCOMPRESS_INFERENCE_PATH: {exc}", stacklevel=1)
@@ -74,7 +74,7 @@ if _env:
 def set_default_inference_path(path: str = AUTO, prefer: str = "speed") -> None:
     """The path modules use when :func:`set_inference_path` was not called for them (initially ``"auto"``)."""
     global _DEFAULT
-    _check_request(path, prefer)
+    check_request(path, prefer)
     _DEFAULT = Request(path=path, prefer=prefer)
 
 
@@ -98,7 +98,7 @@ def candidates(module: nn.Module, device: torch.device, prefer: str = "speed") -
     return out
 
 
-def _module_device(module: nn.Module) -> torch.device | None:
+def module_device(module: nn.Module) -> torch.device | None:
     for t in module._buffers.values():
         if isinstance(t, torch.Tensor):
             return t.device
@@ -174,7 +174,7 @@ def dispatch(module: nn.Module, x: torch.Tensor) -> Prepared | None:
 
 
 def _lazy_prepare(module: nn.Module, x: torch.Tensor) -> Prepared | None:
-    if _module_device(module) != x.device or x.device.type == "meta":
+    if module_device(module) != x.device or x.device.type == "meta":
         return None  # weights elsewhere (offloading hooks move them per call): decode per call
     hook = getattr(module, "_hf_hook", None)
     if hook is not None and getattr(hook, "offload", False):
