@@ -36,14 +36,16 @@ def main() -> None:
         from hfcompress.cli import main as run
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    if pending:
-        code = _interrupted(argv)
-    else:
+    code = _interrupted(argv) if pending else None
+    if code is None:
         try:
             code = run(argv)
-        except KeyboardInterrupt:  # hfcompress.cli reports its own; this covers the instant before it takes over
-            code = _interrupted(argv)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # nothing may interrupt the exit itself
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # nothing may interrupt the exit itself
+        except KeyboardInterrupt:
+            if code is None:  # hfcompress.cli reports its own; this covers the instants before it takes over
+                code = _interrupted(argv)
+            else:  # the command had finished (and reported) when the signal came: its own code stands
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -442,53 +442,52 @@ def run_calibration(
         if tune is not None and not use_dense:  # tuning targets are needed for the first tune.samples windows only
             dense_hidden = dense_hidden[: _batches_covering(block_inputs.rows, tune.samples)]
         del first_hidden
-        progress = tqdm(total=len(block_list), desc=f"oneshot {method.name}", disable=not show_progress, unit="block")
-        for i, block in enumerate(block_list):
-            names = per_block[i]
-            with onloaded(block):
-                own_aligned_storage(block)
-                if names:
-                    block_inputs.hidden = hidden
-                    stages = _stages(block_inputs, block, i, names, prefixes[i]) if true_sequential else [names]
-                    block_inputs.hidden = []
-                    twins: dict[str, CompressedModule] = {}
-                    next_dense: list[torch.Tensor] = []
-                    for stage in stages:
-                        modules = {n: model.get_submodule(n) for n in stage}
-                        with StatsCollector(modules, needs, reduce) as collector, _decoded_stand_ins(model, run.replaced, twins) as stand_ins:
-                            collector.stop_early = True  # the block's output is not needed in this pass
-                            for b, h in enumerate(hidden):
-                                if use_dense:
-                                    collector.active = False
-                                    with stand_ins.dense(), InputRecorder(modules) as rec:
-                                        out = block_inputs.call(block, i, b, dense_hidden[b])
-                                    if stage is stages[0]:
-                                        next_dense.append(out)
-                                    collector.reference, collector.active = rec.inputs, True
-                                collector.start_pass()
-                                try:
-                                    block_inputs.call(block, i, b, h)
-                                except StopPass:
-                                    pass
-                                collector.end_pass()
-                                collector.reference = {}
-                        twins.update(run.compress_modules(stage, collector))
-                        del collector
-                    if tune is not None:
-                        if not use_dense:  # the dense block's outputs: the tuning targets
-                            with _with_originals(model, run.replaced, names):
-                                next_dense = [block_inputs.call(block, i, b, h) for b, h in enumerate(dense_hidden)]
-                        _tune_block(model, block, i, block_inputs, hidden, next_dense, run, twins, tune, progress)
-                    with _decoded_stand_ins(model, run.replaced, twins):
+        with tqdm(total=len(block_list), desc=f"oneshot {method.name}", disable=not show_progress, unit="block") as progress:  # closed on errors too: no redraw under the error report
+            for i, block in enumerate(block_list):
+                names = per_block[i]
+                with onloaded(block):
+                    own_aligned_storage(block)
+                    if names:
+                        block_inputs.hidden = hidden
+                        stages = _stages(block_inputs, block, i, names, prefixes[i]) if true_sequential else [names]
+                        block_inputs.hidden = []
+                        twins: dict[str, CompressedModule] = {}
+                        next_dense: list[torch.Tensor] = []
+                        for stage in stages:
+                            modules = {n: model.get_submodule(n) for n in stage}
+                            with StatsCollector(modules, needs, reduce) as collector, _decoded_stand_ins(model, run.replaced, twins) as stand_ins:
+                                collector.stop_early = True  # the block's output is not needed in this pass
+                                for b, h in enumerate(hidden):
+                                    if use_dense:
+                                        collector.active = False
+                                        with stand_ins.dense(), InputRecorder(modules) as rec:
+                                            out = block_inputs.call(block, i, b, dense_hidden[b])
+                                        if stage is stages[0]:
+                                            next_dense.append(out)
+                                        collector.reference, collector.active = rec.inputs, True
+                                    collector.start_pass()
+                                    try:
+                                        block_inputs.call(block, i, b, h)
+                                    except StopPass:
+                                        pass
+                                    collector.end_pass()
+                                    collector.reference = {}
+                            twins.update(run.compress_modules(stage, collector))
+                            del collector
+                        if tune is not None:
+                            if not use_dense:  # the dense block's outputs: the tuning targets
+                                with _with_originals(model, run.replaced, names):
+                                    next_dense = [block_inputs.call(block, i, b, h) for b, h in enumerate(dense_hidden)]
+                            _tune_block(model, block, i, block_inputs, hidden, next_dense, run, twins, tune, progress)
+                        with _decoded_stand_ins(model, run.replaced, twins):
+                            hidden = [block_inputs.call(block, i, b, h) for b, h in enumerate(hidden)]
+                        if track_dense:
+                            dense_hidden = next_dense
+                    else:
                         hidden = [block_inputs.call(block, i, b, h) for b, h in enumerate(hidden)]
-                    if track_dense:
-                        dense_hidden = next_dense
-                else:
-                    hidden = [block_inputs.call(block, i, b, h) for b, h in enumerate(hidden)]
-                    if track_dense:
-                        dense_hidden = [block_inputs.call(block, i, b, h) for b, h in enumerate(dense_hidden)]
-            progress.update(1)
-        progress.close()
+                        if track_dense:
+                            dense_hidden = [block_inputs.call(block, i, b, h) for b, h in enumerate(dense_hidden)]
+                progress.update(1)
         del hidden, dense_hidden
         late = [n for n in outside if n not in run.results]
         if late:  # modules after the blocks (poolers, heads that are not ignored)

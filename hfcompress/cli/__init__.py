@@ -8,6 +8,7 @@ Every command accepts ``--json`` (one JSON object on stdout), ``--quiet`` (no pr
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import signal
 import sys
@@ -86,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         return _run(argv, as_json)
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C during the clean-up prints nothing more
-        return report_error(prog, "interrupted", INTERRUPTED, "KeyboardInterrupt", as_json)
+    # Out of the handler the interrupted command's frames are released; collecting them here lets any progress
+    # bar they held draw its last line now, so the error stays the last line on stderr.
+    gc.collect()
+    return report_error(prog, "interrupted", INTERRUPTED, "KeyboardInterrupt", as_json)
 
 
 def _run(argv: list[str], as_json: bool) -> int:

@@ -163,41 +163,41 @@ def run(args) -> int:
         )
     base = args.base_model or base_model_id(args.model) or base_model_id(src)
     license = args.license or _license_of(src)
-    steps = tqdm(total=3, desc="compress", unit="step", disable=args.quiet)
-    steps.set_postfix_str("loading" + (" and compressing" if config.is_data_free else ""))
-    if config.is_data_free:
-        model = load_model(src, args.dtype or "auto", quantization_config=config)
-        steps.update(2)
-    else:
-        try:
-            from ..oneshot import oneshot
-        except ImportError:
-            raise CliError(
-                f"method={config.method!r} needs calibration (hfcompress.oneshot), which this installation lacks; "
-                "upgrade hfcompress or use a data-free method such as --method rtn.",
-                code=1,
-            ) from None
-        model = load_model(src, "float32")
-        saved_dtype = _checkpoint_dtype(src)
-        steps.update(1)
-        steps.set_postfix_str(f"calibrating ({config.method})")
-        oneshot(
-            model, config, args.dataset, tokenizer=load_preprocessor(src, "tokenizer"), num_samples=args.num_samples,
-            seq_len=args.seq_len, seed=args.seed, text_column=args.text_column, dataset_config=args.dataset_config,
-            split=args.split, show_progress=not args.quiet,
+    # closed on the way out of an error or Ctrl-C too, so the bar never redraws under the one-line report
+    with tqdm(total=3, desc="compress", unit="step", disable=args.quiet) as steps:
+        steps.set_postfix_str("loading" + (" and compressing" if config.is_data_free else ""))
+        if config.is_data_free:
+            model = load_model(src, args.dtype or "auto", quantization_config=config)
+            steps.update(2)
+        else:
+            try:
+                from ..oneshot import oneshot
+            except ImportError:
+                raise CliError(
+                    f"method={config.method!r} needs calibration (hfcompress.oneshot), which this installation lacks; "
+                    "upgrade hfcompress or use a data-free method such as --method rtn.",
+                    code=1,
+                ) from None
+            model = load_model(src, "float32")
+            saved_dtype = _checkpoint_dtype(src)
+            steps.update(1)
+            steps.set_postfix_str(f"calibrating ({config.method})")
+            oneshot(
+                model, config, args.dataset, tokenizer=load_preprocessor(src, "tokenizer"), num_samples=args.num_samples,
+                seq_len=args.seq_len, seed=args.seed, text_column=args.text_column, dataset_config=args.dataset_config,
+                split=args.split, show_progress=not args.quiet,
+            )  # fmt: skip
+            target = _dtype_or_none(args.dtype) or saved_dtype
+            if target is not None and target != torch.float32:
+                model = model.to(target)  # compressed tensors keep their stored dtypes
+            steps.update(1)
+        steps.set_postfix_str("saving")
+        save_compressed(
+            model, out, companions_from=src, card=not args.no_card, overwrite=args.overwrite,
+            max_shard_size=args.max_shard_size, base_model=base, license=license, model_name=out.name,
+            command=_reproduce_command(args, config, base or src.name, out),
         )  # fmt: skip
-        target = _dtype_or_none(args.dtype) or saved_dtype
-        if target is not None and target != torch.float32:
-            model = model.to(target)  # compressed tensors keep their stored dtypes
         steps.update(1)
-    steps.set_postfix_str("saving")
-    save_compressed(
-        model, out, companions_from=src, card=not args.no_card, overwrite=args.overwrite,
-        max_shard_size=args.max_shard_size, base_model=base, license=license, model_name=out.name,
-        command=_reproduce_command(args, config, base or src.name, out),
-    )  # fmt: skip
-    steps.update(1)
-    steps.close()
     from ..inspection import inspect_checkpoint
 
     report = inspect_checkpoint(out)

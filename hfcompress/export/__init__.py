@@ -14,6 +14,7 @@ in the README ("Export"); :meth:`hfcompress.HfCompressConfig.for_export` builds 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -113,19 +114,18 @@ def export(
     writer = OutputFolder(output, sources=sources, overwrite=overwrite, kind="export", what="output")
     source = load_source(src)
     with writer as tmp:
-        bar = _bar(progress, len(source.quantized), "compressed-tensors")
-        report = export_compressed_tensors(source, tmp, dtype=_dtype(dtype), activations=activations,
-                                           requantize=requantize, progress=bar, **options)  # fmt: skip
-        if bar is not None:
-            bar.close()
+        with _bar(progress, len(source.quantized), "compressed-tensors") as bar:
+            report = export_compressed_tensors(source, tmp, dtype=_dtype(dtype), activations=activations,
+                                               requantize=requantize, progress=bar, **options)  # fmt: skip
         _ship_tokenizer(tokenizer, source, tmp, copy_companion_files)
     report.output = str(output)
     return report
 
 
 def _bar(progress: bool, total: int, what: str):
+    """A context manager giving a tqdm bar (closed on errors too), or ``None`` without ``progress``."""
     if not progress:
-        return None
+        return contextlib.nullcontext()
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=f"export to {what}", unit="layer")

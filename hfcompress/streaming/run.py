@@ -450,75 +450,74 @@ def compress_checkpoint(
         dist_utils.barrier()
         _drop_old_hidden(work, unit)
 
-    progress = tqdm(total=len(block_list) + 1, initial=units_done, desc=f"stream {method.name}", unit="unit", disable=not show_progress)
-    # ---- unit 0: weights outside the blocks (and, for calibration, the block inputs)
-    block_inputs = None
-    hidden: list[torch.Tensor] = []
-    if units_done == 0 or not method.data_free:
-        saved = [copy.deepcopy(b) for b in block_list]  # meta: free
-        for i in range(len(block_list)):
-            block_list[i] = nn.Identity()  # the head unit never touches block weights
-        loaded = _materialize(model, "", reader, base, device, skip=tied)
-        for i, b in enumerate(saved):
-            block_list[i] = b
-        if not method.data_free:
-            first = block_list[0]  # the capture runs block 0 once for its output structure
-            block_list[0] = copy.deepcopy(first)
-            _materialize(block_list[0], prefixes[0], reader, base, device, skip=set())
-            try:
-                block_inputs = capture_block_inputs(model, block_list, batches)
-            finally:
-                block_list[0] = first
-            hidden = block_inputs.hidden
-            block_inputs.hidden = []
+    with tqdm(total=len(block_list) + 1, initial=units_done, desc=f"stream {method.name}", unit="unit", disable=not show_progress) as progress:  # closed on errors too: no redraw under the error report
+        # ---- unit 0: weights outside the blocks (and, for calibration, the block inputs)
+        block_inputs = None
+        hidden: list[torch.Tensor] = []
+        if units_done == 0 or not method.data_free:
+            saved = [copy.deepcopy(b) for b in block_list]  # meta: free
+            for i in range(len(block_list)):
+                block_list[i] = nn.Identity()  # the head unit never touches block weights
+            loaded = _materialize(model, "", reader, base, device, skip=tied)
+            for i, b in enumerate(saved):
+                block_list[i] = b
+            if not method.data_free:
+                first = block_list[0]  # the capture runs block 0 once for its output structure
+                block_list[0] = copy.deepcopy(first)
+                _materialize(block_list[0], prefixes[0], reader, base, device, skip=set())
+                try:
+                    block_inputs = capture_block_inputs(model, block_list, batches)
+                finally:
+                    block_list[0] = first
+                hidden = block_inputs.hidden
+                block_inputs.hidden = []
+                if spill is not None:
+                    hidden = spill.put_all(hidden)
+            if units_done == 0:
+                if method.data_free:
+                    _compress_data_free(model, head, plan, method.name)
+                elif head:  # embeddings: identity statistics, as the in-memory pipeline gives them
+                    _compress_identity(model, head, plan, method, config.method_args)
+                tensors = _head_tensors(model, prefixes, tied)
+                emit(tensors, 1, hidden if not method.data_free else None, last=not block_list)
+                del tensors  # written: do not hold the non-block weights while the blocks run
+            # free the non-block weights: compressed twins and dense tensors alike go back to meta
+            for name in head:
+                if isinstance(model.get_submodule(name), CompressedModule):
+                    set_submodule(model, name, nn.Identity())  # written; no later forward reaches it
+            _release(model, [n for n in loaded if not any(n.startswith(h + ".") for h in head)])
+            progress.update(0 if units_done else 1)
+        if units_done >= 2 and not method.data_free:
             if spill is not None:
-                hidden = spill.put_all(hidden)
-        if units_done == 0:
-            if method.data_free:
-                _compress_data_free(model, head, plan, method.name)
-            elif head:  # embeddings: identity statistics, as the in-memory pipeline gives them
-                _compress_identity(model, head, plan, method, config.method_args)
-            tensors = _head_tensors(model, prefixes, tied)
-            emit(tensors, 1, hidden if not method.data_free else None, last=not block_list)
-            del tensors  # written: do not hold the non-block weights while the blocks run
-        # free the non-block weights: compressed twins and dense tensors alike go back to meta
-        for name in head:
-            if isinstance(model.get_submodule(name), CompressedModule):
-                set_submodule(model, name, nn.Identity())  # written; no later forward reaches it
-        _release(model, [n for n in loaded if not any(n.startswith(h + ".") for h in head)])
-        progress.update(0 if units_done else 1)
-    if units_done >= 2 and not method.data_free:
-        if spill is not None:
-            hidden = spill.load(_hidden_path(work, units_done))
-        else:
-            hidden = torch.load(_hidden_path(work, units_done), weights_only=True)
-            hidden = [h.to(device) for h in hidden]
-
-    # ---- one unit per block
-    for i in range(len(block_list)):
-        unit = i + 2
-        if unit <= units_done:
-            continue
-        meta_block = block_list[i]
-        block = copy.deepcopy(meta_block)
-        _materialize(block, prefixes[i], reader, base, device, skip=set())
-        block_list[i] = block
-        try:
-            names = per_block[i]
-            if method.data_free:
-                _compress_data_free(model, names, plan, method.name)
+                hidden = spill.load(_hidden_path(work, units_done))
             else:
-                hidden = _calibrate_block(
-                    method, config.method_args, block_inputs, block, i, names, prefixes[i], plan, hidden, true_sequential, spill
-                )
-            tensors = _cpu_tensors(block, prefixes[i], set())
-        finally:
-            block_list[i] = meta_block
-            del block
-        emit(tensors, unit, hidden if not method.data_free else None, last=i == len(block_list) - 1)
-        del tensors
-        progress.update(1)
-    progress.close()
+                hidden = torch.load(_hidden_path(work, units_done), weights_only=True)
+                hidden = [h.to(device) for h in hidden]
+
+        # ---- one unit per block
+        for i in range(len(block_list)):
+            unit = i + 2
+            if unit <= units_done:
+                continue
+            meta_block = block_list[i]
+            block = copy.deepcopy(meta_block)
+            _materialize(block, prefixes[i], reader, base, device, skip=set())
+            block_list[i] = block
+            try:
+                names = per_block[i]
+                if method.data_free:
+                    _compress_data_free(model, names, plan, method.name)
+                else:
+                    hidden = _calibrate_block(
+                        method, config.method_args, block_inputs, block, i, names, prefixes[i], plan, hidden, true_sequential, spill
+                    )
+                tensors = _cpu_tensors(block, prefixes[i], set())
+            finally:
+                block_list[i] = meta_block
+                del block
+            emit(tensors, unit, hidden if not method.data_free else None, last=i == len(block_list) - 1)
+            del tensors
+            progress.update(1)
     result = out
     if writer is not None:
         hf_config.quantization_config = config

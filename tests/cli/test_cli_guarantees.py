@@ -66,8 +66,10 @@ def test_the_console_script_is_the_stdlib_launcher():
 def test_ctrl_c_at_any_moment_prints_one_line_and_exits_130(tiny_dense_dir, tmp_path, delay):
     """From the launcher's first instruction (torch still importing) to the middle of a compression."""
     out = tmp_path / "out"
+    data = tmp_path / "calibration.txt"  # enough text that the command cannot end by itself with a data error
+    data.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog." * 4 for i in range(64)))
     argv = ["compress", str(tiny_dense_dir), "-o", str(out), "--method", "gptq", "--bits", "4", "--dataset",
-            str(tiny_dense_dir / "config.json"), "--num-samples", "64", "--seq-len", "64", "--json"]  # fmt: skip
+            str(data), "--num-samples", "64", "--seq-len", "64", "--json"]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-c", LAUNCH, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     assert proc.stderr.readline() == "ready\n"
@@ -80,3 +82,14 @@ def test_ctrl_c_at_any_moment_prints_one_line_and_exits_130(tiny_dense_dir, tmp_
     assert "Traceback" not in stderr and stderr.strip().splitlines()[-1].endswith("interrupted"), stderr
     assert json.loads(stdout.strip().splitlines()[-1])["error"]["exit_code"] == 130
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")], list(tmp_path.iterdir())
+
+
+def test_an_error_after_the_progress_bar_started_is_the_last_line(tiny_dense_dir, tmp_path):
+    """The bar is closed before the error is printed, so it cannot redraw under the one line."""
+    argv = ["compress", str(tiny_dense_dir), "-o", str(tmp_path / "out"), "--method", "gptq", "--bits", "4", "--dataset",
+            str(tiny_dense_dir / "config.json"), "--num-samples", "64", "--seq-len", "64"]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", LAUNCH, *argv], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "compress:" in proc.stderr  # the bar was drawn
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("hfcompress compress: error:") and "fewer than num_samples" in last, proc.stderr
