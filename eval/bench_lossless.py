@@ -45,6 +45,8 @@ from hfcompress.lossless.coder import order0_entropy_bits
 from hfcompress.lossless.planes import as_uint_array, split
 from hfcompress.testing.models import real_model_path
 
+EVAL_DIR = Path(__file__).resolve().parent
+
 CHUNK_BYTES = 1 << 19  # 512 KiB = the codec's default 256 Ki bf16 elements per chunk
 
 
@@ -145,12 +147,13 @@ def folder_tensor_bytes(folder: Path) -> int:
 
 def converter_peak_rss(src: Path, dst: Path, dtype: str | None) -> tuple[float, float]:
     """Peak RSS (MB, VmHWM) of the streaming converter in a fresh process, and of a process that only imports it."""
-    hwm = "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])"
+    # the children measure themselves with eval/common.py (VmHWM of their own process image)
+    hwm = f"sys.path.insert(0, {str(EVAL_DIR)!r}); from common import peak_rss_bytes; print(peak_rss_bytes() / 1024)"
     run = f"import sys; from hfcompress.cli import main; main(sys.argv[1:]); {hwm}"
     args = ["convert", str(src), "-o", str(dst), "--quiet"] + (["--dtype", dtype] if dtype else [])
     peak = subprocess.run([sys.executable, "-c", run, *args], capture_output=True, text=True, check=True).stdout.split()[-1]
     base = subprocess.run(
-        [sys.executable, "-c", f"import hfcompress.cli, hfcompress.convert; {hwm}"], capture_output=True, text=True, check=True
+        [sys.executable, "-c", f"import sys, hfcompress.cli, hfcompress.convert; {hwm}"], capture_output=True, text=True, check=True
     ).stdout.split()[-1]
     return float(peak) / 1024, float(base) / 1024
 
@@ -203,10 +206,8 @@ import hashlib, sys, time, torch
 import hfcompress
 from transformers import AutoModelForCausalLM
 torch.set_num_threads(int(sys.argv[3]))
-
-def status():
-    fields = dict(line.split(':', 1) for line in open('/proc/self/status'))
-    return {k: int(fields[k].split()[0]) / 1024 for k in ('RssAnon', 'RssFile', 'VmHWM')}
+sys.path.insert(0, sys.argv[4])
+from common import memory_status as status  # eval/common.py: RssAnon, RssFile, VmHWM in MiB
 
 base = status()
 kwargs = {} if sys.argv[2] == 'plain' else {'quantization_config': hfcompress.HfCompressConfig(lossless=True, lossless_decode=sys.argv[2])}
@@ -242,7 +243,7 @@ def bench_memory(name: str, tmp: Path) -> None:
     digests = {}
     for label, folder, mode in rows:
         out = subprocess.run(
-            [sys.executable, "-c", _MEMORY_PROBE, str(folder), mode, str(torch.get_num_threads())],
+            [sys.executable, "-c", _MEMORY_PROBE, str(folder), mode, str(torch.get_num_threads()), str(EVAL_DIR)],
             capture_output=True, text=True, check=True,
         ).stdout.split()
         digests[label] = out[-1]

@@ -31,7 +31,7 @@ EVAL_DIR = Path(__file__).resolve().parent
 REPO = EVAL_DIR.parent
 RESULTS_DIR = EVAL_DIR / "results"
 
-__all__ = ["EVAL_DIR", "REPO", "RESULTS_DIR", "cpu_seconds", "machine", "peak_rss_bytes", "spawn", "write_results"]
+__all__ = ["EVAL_DIR", "REPO", "RESULTS_DIR", "cpu_seconds", "machine", "memory_status", "peak_rss_bytes", "spawn", "write_results"]
 
 
 def peak_rss_bytes() -> int:
@@ -44,6 +44,13 @@ def peak_rss_bytes() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def memory_status() -> dict[str, float]:
+    """This process's resident anonymous and file-backed memory and its peak (MiB: ``RssAnon``, ``RssFile``, ``VmHWM``)."""
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f if ":" in line)
+    return {k: int(fields[k].split()[0]) / 1024 for k in ("RssAnon", "RssFile", "VmHWM")}
 
 
 def cpu_seconds() -> float:

@@ -33,6 +33,7 @@ _LAZY = {
     "get_method": "hfcompress.algorithms",
     "inference_paths": "hfcompress.inference",
     "mark_compressed": "hfcompress.apply",
+    "materialize": "hfcompress.storage.lazy",
     "model_card": "hfcompress.hub",
     "oneshot": "hfcompress.oneshot",
     "push_to_hub": "hfcompress.hub",
@@ -62,6 +63,7 @@ __all__ = [
     "get_method",
     "inference_paths",
     "mark_compressed",
+    "materialize",
     "model_card",
     "oneshot",
     "push_to_hub",
@@ -79,6 +81,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .formats import available_formats, get_format, register_format
     from .hub import model_card, push_to_hub, save_compressed
     from .inference import inference_paths, set_inference_path
+    from .storage.lazy import materialize
     from .modules import CompressedConv2d, CompressedEmbedding, CompressedLinear, CompressedModule, compressed_modules
     from .oneshot import oneshot
     from .report import compression_report

@@ -13,7 +13,8 @@ import hfcompress  # noqa: F401  (registers the quantizer)
 from hfcompress import HfCompressConfig, compressed_modules
 from hfcompress.integrity import IntegrityError
 from hfcompress.lossless import LosslessFormatError
-from hfcompress.storage.lazy import deferred, materialize
+from hfcompress import materialize  # the public name
+from hfcompress.storage.lazy import deferred
 
 IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
 MODES = ("lazy", "first_forward")
