@@ -282,6 +282,68 @@ def _broadcast(value: Any) -> Any:
 
 # ---------------------------------------------------------------------- the entry point
 @torch.no_grad()
+def _checked_arguments(
+    src: Path, out: Path, config: HfCompressConfig, dataset: Any, dtype, device, offload_activations: bool, overwrite: bool
+) -> tuple[Any, torch.dtype, torch.device]:
+    """Refuse bad arguments before anything is read or written; returns the model config, dtype and device."""
+    from transformers import AutoConfig
+
+    if not isinstance(config, HfCompressConfig):
+        raise TypeError(f"config must be an HfCompressConfig, got {type(config).__name__}.")
+    if config.is_loading_only:
+        raise ValueError("HfCompressConfig.loading(...) only carries loading options; compress_checkpoint needs HfCompressConfig(bits=..., ...).")
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"src={str(src)!r} is not a Hugging Face model folder (no config.json).")
+    sources = [src] + ([dataset] if isinstance(dataset, (str, os.PathLike)) and Path(dataset).exists() else [])
+    check_containment(out, sources, "out")
+    check_containment(partial_dir(out), sources, "out's work folder")
+    check_replaceable(out, overwrite, "out")
+    from ..plan.allocation import allocation_pending
+
+    if allocation_pending(config):
+        raise ValueError(
+            f"method_args['allocation']={config.method_args['allocation']!r} needs every layer at once; streaming "
+            "compression sets the sparsity layer by layer. Use allocation='uniform' or pin per-layer values in overrides."
+        )
+    hf_config = AutoConfig.from_pretrained(src)
+    existing = getattr(hf_config, "quantization_config", None)
+    if existing:
+        raise ValueError(f"src={str(src)!r} is already quantized ({existing!r}); compress the original dense checkpoint.")
+    if dtype is None:
+        dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype={dtype!r} must be a floating torch dtype such as torch.float32 or torch.bfloat16.")
+    dist_utils.init_from_env()  # under a launcher: join the group (and pick this rank's GPU) first
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if not isinstance(offload_activations, bool):
+        raise TypeError(f"offload_activations={offload_activations!r} must be True or False.")
+    if offload_activations and device.type != "cpu":
+        raise ValueError(
+            f"offload_activations=True memory-maps the hidden states from disk for CPU compute; device={str(device)!r} "
+            "keeps them in device memory. Use device='cpu' or offload_activations=False."
+        )
+    return hf_config, dtype, device
+
+
+def _refuse_unstreamable(method, model: nn.Module, head: list[str]) -> None:
+    """Streaming keeps neither the dense model's activations nor a full forward: refuse what needs them."""
+    if "dense_cross" in method.needs or method.tune_options is not None:
+        raise ValueError(
+            f"method={method.name!r} follows the dense model's activations next to the compressed ones, which streaming "
+            "does not keep; compress in memory with hfcompress.oneshot, or pick gptq/quantease/sparsegpt/wanda."
+        )
+    if not method.data_free:
+        bad = [n for n in head if not isinstance(model.get_submodule(n), nn.Embedding)]
+        if bad:
+            raise ValueError(
+                f"Modules outside the blocks {bad[:3]} need a full forward to calibrate, which streaming does not run; "
+                "add them to config.ignore (or compress the model in memory with hfcompress.oneshot)."
+            )
+
+
 def compress_checkpoint(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -335,49 +397,10 @@ def compress_checkpoint(
     launcher's environment), every process runs this same call on its share of the calibration batches
     and rank 0 writes ``out``.
     """
-    from transformers import AutoConfig
-
     src, out = Path(src), Path(out)
-    if not isinstance(config, HfCompressConfig):
-        raise TypeError(f"config must be an HfCompressConfig, got {type(config).__name__}.")
-    if config.is_loading_only:
-        raise ValueError("HfCompressConfig.loading(...) only carries loading options; compress_checkpoint needs HfCompressConfig(bits=..., ...).")
-    if not (src / "config.json").is_file():
-        raise FileNotFoundError(f"src={str(src)!r} is not a Hugging Face model folder (no config.json).")
-    sources = [src] + ([dataset] if isinstance(dataset, (str, os.PathLike)) and Path(dataset).exists() else [])
-    check_containment(out, sources, "out")
-    check_containment(partial_dir(out), sources, "out's work folder")
-    check_replaceable(out, overwrite, "out")
+    hf_config, dtype, device = _checked_arguments(src, out, config, dataset, dtype, device, offload_activations, overwrite)
     size = parse_size(shard_size)
     method = get_method(config.method)
-    from ..plan.allocation import allocation_pending
-
-    if allocation_pending(config):
-        raise ValueError(
-            f"method_args['allocation']={config.method_args['allocation']!r} needs every layer at once; streaming "
-            "compression sets the sparsity layer by layer. Use allocation='uniform' or pin per-layer values in overrides."
-        )
-    hf_config = AutoConfig.from_pretrained(src)
-    existing = getattr(hf_config, "quantization_config", None)
-    if existing:
-        raise ValueError(f"src={str(src)!r} is already quantized ({existing!r}); compress the original dense checkpoint.")
-    if dtype is None:
-        dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or torch.float32
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype={dtype!r} must be a floating torch dtype such as torch.float32 or torch.bfloat16.")
-    dist_utils.init_from_env()  # under a launcher: join the group (and pick this rank's GPU) first
-    if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(device)
-    if not isinstance(offload_activations, bool):
-        raise TypeError(f"offload_activations={offload_activations!r} must be True or False.")
-    if offload_activations and device.type != "cpu":
-        raise ValueError(
-            f"offload_activations=True memory-maps the hidden states from disk for CPU compute; device={str(device)!r} "
-            "keeps them in device memory. Use device='cpu' or offload_activations=False."
-        )
-
     reader = CheckpointReader(src)
     model = _empty_model(hf_config, model_class, dtype)
     base = getattr(model, "base_model_prefix", "") or ""
@@ -387,18 +410,7 @@ def compress_checkpoint(
     per_block = [[n for n in plan if n.startswith(p)] for p in prefixes]
     head = [n for n in plan if not any(n.startswith(p) for p in prefixes)]
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    if "dense_cross" in method.needs or method.tune_options is not None:
-        raise ValueError(
-            f"method={method.name!r} follows the dense model's activations next to the compressed ones, which streaming "
-            "does not keep; compress in memory with hfcompress.oneshot, or pick gptq/quantease/sparsegpt/wanda."
-        )
-    if not method.data_free:
-        bad = [n for n in head if not isinstance(model.get_submodule(n), nn.Embedding)]
-        if bad:
-            raise ValueError(
-                f"Modules outside the blocks {bad[:3]} need a full forward to calibrate, which streaming does not run; "
-                "add them to config.ignore (or compress the model in memory with hfcompress.oneshot)."
-            )
+    _refuse_unstreamable(method, model, head)
 
     settings: dict[str, Any] = {
         "model_class": None if model_class is None else f"{model_class.__module__}.{model_class.__qualname__}",
