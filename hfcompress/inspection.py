@@ -100,9 +100,6 @@ def inspect_checkpoint(
         FileNotFoundError: no config.json or no safetensors weights.
         ValueError: the stored tensors do not match what the config says (damaged or foreign checkpoint).
     """
-    from .modules import compressed_twin, set_submodule
-    from .plan.targets import resolve_layers
-
     folder = Path(folder)
     model_config = load_saved_config(folder)
     files = checkpoint_files(folder)
@@ -136,35 +133,10 @@ def inspect_checkpoint(
         "lossless": any(k != v for k, v in stored_of.items()),
         "layers": [],
     }
-    layers = []
+    layers: list[dict[str, Any]] = []
     in_layers: set[str] = set()  # model-side names of the compressed layers' tensors
     if qconfig is not None:
-        renamed = index.renamed_for(model)
-        original = dict(zip(renamed.tensors, index.tensors)) if len(renamed.tensors) == len(index.tensors) else {}
-        plan = resolve_layers(model, qconfig)
-        for name, spec in tqdm(plan.items(), total=len(plan), desc="inspect", unit="layer", disable=not show_progress):
-            dense = model.get_submodule(name)
-            twin = compressed_twin(dense, spec)
-            found = renamed.module_tensors(name, model)
-            if not found:
-                raise ValueError(
-                    f"{folder}: the config compresses {name!r} but the checkpoint stores no tensors for it; the "
-                    "checkpoint is damaged or was written with another config."
-                )
-            twin.init_empty(found, where=name)
-            set_submodule(model, name, twin)
-            keys = _stored_names(name, found, model, original)
-            in_layers.update(keys)
-            numel = math.prod(twin.dense_shape)
-            nbytes = sum(stored_bytes[stored_of[k]] for k in keys if k in stored_of)
-            layer = {
-                "name": name, "format": twin.format_name, "shape": list(twin.dense_shape), "bits": spec.bits,
-                "group_size": spec.group_size, "sparsity": spec.effective_sparsity, "nbytes": nbytes,
-                "bits_per_weight": 8 * nbytes / numel, "memory_nbytes": twin.compressed_nbytes(),
-            }  # fmt: skip
-            if measure:
-                layer["zero_fraction"] = _zero_fraction(twin, name, found, model, original, file_of, stored_of)
-            layers.append(layer)
+        layers, in_layers = _compressed_layers(folder, model, qconfig, index, stored_bytes, stored_of, file_of, measure, show_progress)
         if verify:
             check_stored_keys(model, list(index.tensors))
     compressed = sum(layer["nbytes"] for layer in layers)
@@ -183,6 +155,45 @@ def inspect_checkpoint(
         bf16_bytes=other_bf16 + 2 * params,
     )
     return report
+
+
+def _compressed_layers(
+    folder: Path, model, qconfig, index, stored_bytes: dict[str, int], stored_of: dict[str, str],
+    file_of: dict[str, Path], measure: bool, show_progress: bool,
+) -> tuple[list[dict[str, Any]], set[str]]:
+    """The report entry of every compressed layer, and the model-side names of the tensors they hold."""
+    from .modules import compressed_twin, set_submodule
+    from .plan.targets import resolve_layers
+
+    layers = []
+    in_layers: set[str] = set()
+    renamed = index.renamed_for(model)
+    original = dict(zip(renamed.tensors, index.tensors)) if len(renamed.tensors) == len(index.tensors) else {}
+    plan = resolve_layers(model, qconfig)
+    for name, spec in tqdm(plan.items(), total=len(plan), desc="inspect", unit="layer", disable=not show_progress):
+        dense = model.get_submodule(name)
+        twin = compressed_twin(dense, spec)
+        found = renamed.module_tensors(name, model)
+        if not found:
+            raise ValueError(
+                f"{folder}: the config compresses {name!r} but the checkpoint stores no tensors for it; the "
+                "checkpoint is damaged or was written with another config."
+            )
+        twin.init_empty(found, where=name)
+        set_submodule(model, name, twin)
+        keys = _stored_names(name, found, model, original)
+        in_layers.update(keys)
+        numel = math.prod(twin.dense_shape)
+        nbytes = sum(stored_bytes[stored_of[k]] for k in keys if k in stored_of)
+        layer = {
+            "name": name, "format": twin.format_name, "shape": list(twin.dense_shape), "bits": spec.bits,
+            "group_size": spec.group_size, "sparsity": spec.effective_sparsity, "nbytes": nbytes,
+            "bits_per_weight": 8 * nbytes / numel, "memory_nbytes": twin.compressed_nbytes(),
+        }  # fmt: skip
+        if measure:
+            layer["zero_fraction"] = _zero_fraction(twin, name, found, model, original, file_of, stored_of)
+        layers.append(layer)
+    return layers, in_layers
 
 
 def _verify_payloads(files: list[Path]) -> None:
