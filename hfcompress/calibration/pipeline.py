@@ -384,6 +384,54 @@ def _stages(
 
 
 @torch.no_grad()
+def _stage_statistics(
+    model: nn.Module, run: _Run, twins: dict[str, CompressedModule], stage: list[str], needs, reduce,
+    block_inputs, block: nn.Module, i: int, hidden: list[torch.Tensor], dense_hidden: list[torch.Tensor] | None,
+    dense_out: list[torch.Tensor] | None,
+) -> StatsCollector:
+    """The statistics of one stage's modules over the calibration windows (the block runs up to the last of them).
+
+    With ``dense_hidden`` (methods aiming at the dense model's outputs) each window also runs through the dense
+    block first, recording the modules' dense inputs as the collector's reference; ``dense_out``, when given,
+    receives the dense block's outputs.
+    """
+    modules = {n: model.get_submodule(n) for n in stage}
+    with StatsCollector(modules, needs, reduce) as collector, _decoded_stand_ins(model, run.replaced, twins) as stand_ins:
+        collector.stop_early = True  # the block's output is not needed in this pass
+        for b, h in enumerate(hidden):
+            if dense_hidden is not None:
+                collector.active = False
+                with stand_ins.dense(), InputRecorder(modules) as rec:
+                    out = block_inputs.call(block, i, b, dense_hidden[b])
+                if dense_out is not None:
+                    dense_out.append(out)
+                collector.reference, collector.active = rec.inputs, True
+            collector.start_pass()
+            try:
+                block_inputs.call(block, i, b, h)
+            except StopPass:
+                pass
+            collector.end_pass()
+            collector.reference = {}
+    return collector
+
+
+def _compress_late(model: nn.Module, run: _Run, late: list[str], batches, needs, reduce, use_dense: bool) -> None:
+    """Compress the modules after the blocks (poolers, heads) from full forwards of the model."""
+    modules = {n: model.get_submodule(n) for n in late}
+    extra = model_call_kwargs(model)
+    with StatsCollector(modules, needs, reduce) as collector:
+        for batch in batches:
+            if use_dense:
+                collector.active = False
+                with _with_originals(model, run.replaced, list(run.replaced)), InputRecorder(modules) as rec:
+                    model(**batch, **extra)
+                collector.reference, collector.active = rec.inputs, True
+            model(**batch, **extra)
+            collector.reference = {}
+    run.compress_modules(late, collector)
+
+
 def run_calibration(
     model: nn.Module,
     plan: dict[str, LayerSpec],
@@ -454,24 +502,8 @@ def run_calibration(
                         twins: dict[str, CompressedModule] = {}
                         next_dense: list[torch.Tensor] = []
                         for stage in stages:
-                            modules = {n: model.get_submodule(n) for n in stage}
-                            with StatsCollector(modules, needs, reduce) as collector, _decoded_stand_ins(model, run.replaced, twins) as stand_ins:
-                                collector.stop_early = True  # the block's output is not needed in this pass
-                                for b, h in enumerate(hidden):
-                                    if use_dense:
-                                        collector.active = False
-                                        with stand_ins.dense(), InputRecorder(modules) as rec:
-                                            out = block_inputs.call(block, i, b, dense_hidden[b])
-                                        if stage is stages[0]:
-                                            next_dense.append(out)
-                                        collector.reference, collector.active = rec.inputs, True
-                                    collector.start_pass()
-                                    try:
-                                        block_inputs.call(block, i, b, h)
-                                    except StopPass:
-                                        pass
-                                    collector.end_pass()
-                                    collector.reference = {}
+                            dense_out = next_dense if stage is stages[0] else None
+                            collector = _stage_statistics(model, run, twins, stage, needs, reduce, block_inputs, block, i, hidden, dense_hidden if use_dense else None, dense_out)
                             twins.update(run.compress_modules(stage, collector))
                             del collector
                         if tune is not None:
@@ -491,18 +523,7 @@ def run_calibration(
         del hidden, dense_hidden
         late = [n for n in outside if n not in run.results]
         if late:  # modules after the blocks (poolers, heads that are not ignored)
-            modules = {n: model.get_submodule(n) for n in late}
-            extra = model_call_kwargs(model)
-            with StatsCollector(modules, needs, reduce) as collector:
-                for batch in batches:
-                    if use_dense:
-                        collector.active = False
-                        with _with_originals(model, run.replaced, list(run.replaced)), InputRecorder(modules) as rec:
-                            model(**batch, **extra)
-                        collector.reference, collector.active = rec.inputs, True
-                    model(**batch, **extra)
-                    collector.reference = {}
-            run.compress_modules(late, collector)
+            _compress_late(model, run, late, batches, needs, reduce, use_dense)
     except BaseException:
         run.rollback()
         raise
