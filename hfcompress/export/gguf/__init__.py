@@ -98,6 +98,40 @@ def _quantize(w: torch.Tensor, qtype: str) -> tuple[np.ndarray, torch.Tensor]:
     return data, back
 
 
+def _dense_entry(
+    key: str, tensor: torch.Tensor, target: str, order: torch.Tensor | None, arch, dense_type: str | None
+) -> tuple[str, np.ndarray, str, LayerExport]:
+    """How one dense tensor is written: lossless in its dtype (norms in float32), or re-quantized to ``dense_type``."""
+    w = tensor.detach().float()
+    if arch.norm_plus_one and key.endswith("norm.weight"):
+        w = w + 1.0
+    if order is not None:
+        w = w[order]
+    if w.dim() == 1:
+        qtype, result = "F32", LayerExport(key, target, "F32", exact=True, source="dense")
+        if arch.norm_plus_one and key.endswith("norm.weight") and not torch.equal((w - 1.0), tensor.float()):
+            result.exact, result.reason = False, "norm + 1 rounded in float32"
+        return target, w.numpy(), qtype, result
+    qtype = dense_type or _TORCH_TYPES.get(tensor.dtype, "F32")
+    result = LayerExport(key, target, qtype, exact=True, source="dense")
+    if qtype == "F32":
+        data = w.numpy()
+    elif qtype in ("F16", "BF16"):
+        cast = tensor.detach().to(torch.float16 if qtype == "F16" else torch.bfloat16)
+        cast = cast[order] if order is not None else cast
+        if not torch.equal(cast.float(), w):
+            result.exact, result.reason = False, f"{tensor.dtype} weights rounded to {qtype}"
+            result.rel_error, result.max_abs_error = weight_error(w, cast.float())
+        data = cast.contiguous().view(torch.uint8 if qtype == "BF16" else torch.float16).numpy()
+        if qtype == "BF16":
+            data = data.reshape(w.shape[0], -1)
+    else:
+        data, back = _quantize(w, qtype)
+        result.exact, result.reason = False, f"dense weight re-quantized to {qtype} (dense_type)"
+        result.rel_error, result.max_abs_error = weight_error(w, back)
+    return target, data, qtype, result
+
+
 def export_gguf(
     source: ExportSource,
     path: Path,
@@ -170,37 +204,8 @@ def export_gguf(
             raise ValueError(f"tensor {key!r} is {tensor.dtype}; GGUF export writes floating tensors only.")
         if key == "lm_head.weight" and arch.norm_plus_one:
             continue  # Gemma ties its head to the embedding; llama.cpp has no output tensor for it
-        target = gguf_name(key)
-        w = tensor.detach().float()
-        if arch.norm_plus_one and key.endswith("norm.weight"):
-            w = w + 1.0
-        order = row_order(key, w.shape[0])
-        if order is not None:
-            w = w[order]
-        if w.dim() == 1:
-            qtype, result = "F32", LayerExport(key, target, "F32", exact=True, source="dense")
-            if arch.norm_plus_one and key.endswith("norm.weight") and not torch.equal((w - 1.0), tensor.float()):
-                result.exact, result.reason = False, "norm + 1 rounded in float32"
-            plan.append((target, w.numpy(), qtype, result))
-            continue
-        qtype = dense_type or _TORCH_TYPES.get(tensor.dtype, "F32")
-        result = LayerExport(key, target, qtype, exact=True, source="dense")
-        if qtype == "F32":
-            data = w.numpy()
-        elif qtype in ("F16", "BF16"):
-            cast = tensor.detach().to(torch.float16 if qtype == "F16" else torch.bfloat16)
-            cast = cast[order] if order is not None else cast
-            if not torch.equal(cast.float(), w):
-                result.exact, result.reason = False, f"{tensor.dtype} weights rounded to {qtype}"
-                result.rel_error, result.max_abs_error = weight_error(w, cast.float())
-            data = cast.contiguous().view(torch.uint8 if qtype == "BF16" else torch.float16).numpy()
-            if qtype == "BF16":
-                data = data.reshape(w.shape[0], -1)
-        else:
-            data, back = _quantize(w, qtype)
-            result.exact, result.reason = False, f"dense weight re-quantized to {qtype} (dense_type)"
-            result.rel_error, result.max_abs_error = weight_error(w, back)
-        plan.append((target, data, qtype, result))
+        order = row_order(key, tensor.shape[0])
+        plan.append(_dense_entry(key, tensor, gguf_name(key), order, arch, dense_type))
 
     # ---- write
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.tok-", dir=path.parent) as scratch:
