@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +28,9 @@ from hfcompress.checkpoint import shard_paths
 from hfcompress.integrity import verify_files
 from hfcompress.lossless.coder import DECODER, crc32
 from hfcompress.testing.models import real_model_path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_results  # noqa: E402  (eval/common.py: the results file with command, commit, machine)
 
 
 _SPENT: list[float] = []
@@ -61,7 +65,9 @@ def main() -> None:
     buf = torch.randint(0, 255, (256 << 20,), dtype=torch.uint8).numpy()
     start = time.perf_counter()
     crc32(memoryview(buf))
-    print(f"CRC-32 ({DECODER}): {buf.nbytes / (time.perf_counter() - start) / 1e9:.2f} GB/s on {os.cpu_count()} cores, "
+    crc_gbps = buf.nbytes / (time.perf_counter() - start) / 1e9
+    rows = []
+    print(f"CRC-32 ({DECODER}): {crc_gbps:.2f} GB/s on {os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -84,9 +90,12 @@ def main() -> None:
                 off.append(_load_seconds(folder, False)[0])
             med_on, med_spent, med_off = statistics.median(on), statistics.median(spent), statistics.median(off)
             print(f"{name:24s} {size / 1e6:7.1f} {med_on:8.3f} {med_spent:16.4f} {100 * med_spent / med_on:6.1f}% {med_off:20.3f}")
+            rows.append({"checkpoint": name, "bytes": size, "load_s": med_on, "verifying_s": med_spent,
+                         "share": med_spent / med_on, "load_s_unverified": med_off})  # fmt: skip
     print("\ntarget: verification <= 10 % of the load time. 'share' is the time the verified load spends in")
     print("verify_files (checksums of every tensor + config stamp); the last column is an unverified load, interleaved")
     print("(medians of the rounds, warm page cache; whole-load times vary by more than the verification costs)")
+    write_results("bench_integrity", {"crc32_gb_per_s": crc_gbps, "decoder": DECODER, "rounds": args.rounds, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +22,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from hfcompress import HfCompressConfig
 from hfcompress.evaluation import perplexity, wikitext2_test_text
 from hfcompress.testing.models import real_model_path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_results  # noqa: E402  (eval/common.py: the results file with command, commit, machine)
 
 CONFIGS = {
     "RTN W4 g128 sym": HfCompressConfig(bits=4, group_size=128),
@@ -62,6 +66,8 @@ def main() -> None:
     print(f"{'config':22s} {'MB on disk':>10s} {'ppl':>8s} {'x dense':>8s} {'load+compress s':>16s}")
     for r in rows:
         print(f"{r['config']:22s} {r['bytes'] / 1e6:10.1f} {r['ppl']:8.2f} {r['ppl'] / ppl_dense:8.3f} {r['seconds']:16.1f}")
+    protocol = {"model": "SmolLM2-135M", "text": "WikiText-2 raw test", "windows": args.windows, "seq_len": args.seq_len}
+    write_results("bench_spine", {"protocol": protocol, "rows": rows})
 
 
 if __name__ == "__main__":

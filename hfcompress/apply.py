@@ -12,7 +12,7 @@ from .modules import CompressedModule, compressed_twin, set_submodule
 
 def mark_compressed(model: nn.Module, config: HfCompressConfig) -> None:
     """Attach ``config`` and its quantizer so ``save_pretrained``/``push_to_hub`` write the compressed format."""
-    from .quantizer import HfCompressQuantizer, enable_push_with_card
+    from .quantizer import HfCompressQuantizer, install_model_methods
 
     model.config.quantization_config = config
     model.hf_quantizer = HfCompressQuantizer(config, pre_quantized=True)
@@ -22,8 +22,7 @@ def mark_compressed(model: nn.Module, config: HfCompressConfig) -> None:
         cfg = getattr(module, "config", None)
         if cfg is not None and hasattr(cfg, "to_dict"):
             cfg._is_quantized = True
-    if hasattr(model, "push_to_hub"):
-        enable_push_with_card(model)  # model.push_to_hub uploads the hfcompress model card too
+    install_model_methods(model)  # push_to_hub with the card; add_adapter/load_adapter with hfcompress's LoRA layer
 
 
 def check_compressible(model: nn.Module, config: HfCompressConfig, where: str) -> None:

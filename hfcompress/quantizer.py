@@ -163,7 +163,7 @@ class HfCompressQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
         validate_loaded(model)
-        enable_push_with_card(model)  # model.push_to_hub uploads the hfcompress model card too
+        install_model_methods(model)  # push_to_hub with the card; add_adapter/load_adapter with hfcompress's LoRA layer
         drop_lossless_conversions(model)
         session = getattr(self, "_lossless_session", None)
         if session is not None:
@@ -257,21 +257,41 @@ def _materialized(model, name: str, tensor: torch.Tensor) -> torch.Tensor:
     return load_offloaded_parameter(model, name)
 
 
-def enable_push_with_card(model):
-    """Make ``model.push_to_hub(repo_id, ...)`` upload the compressed weights, config *and* the hfcompress card.
+#: methods every compressed model carries in place of transformers' own: ``{name: "module:function"}``. The
+#: module is imported when the method is called, so loading a model loads no card, upload or PEFT code.
+MODEL_METHODS = {
+    "push_to_hub": "hfcompress.hub.push:push_with_card",
+    "add_adapter": "hfcompress.peft.model_methods:add_adapter",
+    "load_adapter": "hfcompress.peft.model_methods:load_adapter",
+}
 
-    transformers' ``push_to_hub`` saves the weights and then writes a generic README; this replaces the method
-    on this model instance (same signature) with :func:`hfcompress.hub.push.push_with_card`. The Hub layer is
-    imported only when the method is called, so loading a model never loads card or upload code. Idempotent;
-    returns the model.
+
+def _lazy_method(name: str, target: str):
+    module_name, function_name = target.split(":")
+
+    def method(self, *args, **kwargs):
+        return getattr(importlib.import_module(module_name), function_name)(self, *args, **kwargs)
+
+    method.__name__ = name
+    method.__doc__ = f"hfcompress's ``{name}`` for compressed models (``{module_name}.{function_name}``)."
+    return method
+
+
+def install_model_methods(model):
+    """Bind hfcompress's versions of transformers' model methods to this model instance (:data:`MODEL_METHODS`).
+
+    * ``model.push_to_hub(repo_id, ...)`` uploads the compressed weights, config *and* the hfcompress model card
+      (:func:`hfcompress.hub.push.push_with_card`);
+    * ``model.add_adapter(LoraConfig(...))`` and ``model.load_adapter(path)`` put hfcompress's LoRA layer on the
+      compressed modules (:mod:`hfcompress.peft.model_methods`).
+
+    Same signatures as transformers'; methods the model class lacks are left out. Idempotent; returns the model.
     """
-    if getattr(model, "_hfcompress_push_with_card", False):
+    if getattr(model, "_hfcompress_methods", False):
         return model
-
-    def push_to_hub(self, repo_id: str, **kwargs):
-        """Upload this compressed model with its hfcompress model card (see ``hfcompress.hub.push_to_hub``)."""
-        return importlib.import_module("hfcompress.hub.push").push_with_card(self, repo_id, **kwargs)
-
-    model.push_to_hub = types.MethodType(push_to_hub, model)
-    model._hfcompress_push_with_card = True
+    for name, target in MODEL_METHODS.items():
+        if callable(getattr(type(model), name, None)):
+            setattr(model, name, types.MethodType(_lazy_method(name, target), model))
+    model._hfcompress_methods = True
     return model
+

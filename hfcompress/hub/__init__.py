@@ -10,14 +10,13 @@
 """
 
 from .card import DEFAULT_TEMPLATE, base_model_id, card_context, model_card, read_card_metadata, save_card
-from .push import copy_companion_files, enable_push_with_card, push_to_hub, save_compressed
+from .push import copy_companion_files, push_to_hub, save_compressed
 
 __all__ = [
     "DEFAULT_TEMPLATE",
     "base_model_id",
     "card_context",
     "copy_companion_files",
-    "enable_push_with_card",
     "model_card",
     "push_to_hub",
     "read_card_metadata",

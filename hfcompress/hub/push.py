@@ -6,7 +6,7 @@
 * :func:`push_to_hub` uploads a compressed model or saved folder with its card through
   ``huggingface_hub`` (``create_repo`` + ``upload_folder``: LFS/Xet for the safetensors).
 * :func:`push_with_card` is what ``model.push_to_hub(...)`` of a compressed model runs (installed by
-  :func:`hfcompress.quantizer.enable_push_with_card` on every model hfcompress compresses or loads):
+  :func:`hfcompress.quantizer.install_model_methods` on every model hfcompress compresses or loads):
   transformers' own ``push_to_hub`` would replace the card with a generic one.
 """
 
@@ -19,9 +19,8 @@ from typing import Any
 
 from ..config import HfCompressConfig
 from ..outputs import MARKER, OutputFolder, copy_contained
-from ..quantizer import enable_push_with_card  # re-exported: installed on every compressed model
 
-__all__ = ["copy_companion_files", "enable_push_with_card", "push_to_hub", "push_with_card", "save_compressed"]
+__all__ = ["copy_companion_files", "push_to_hub", "push_with_card", "save_compressed"]
 
 #: files that belong to the weights/config that ``save_pretrained`` writes, never copied from the source
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".ot", ".tflite", ".npz")
