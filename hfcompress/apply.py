@@ -12,7 +12,8 @@ from .modules import CompressedModule, compressed_twin, set_submodule
 
 def mark_compressed(model: nn.Module, config: HfCompressConfig) -> None:
     """Attach ``config`` and its quantizer so ``save_pretrained``/``push_to_hub`` write the compressed format."""
-    from .quantizer import HfCompressQuantizer, install_model_methods
+    from .bindings import install_model_methods
+    from .quantizer import HfCompressQuantizer
 
     model.config.quantization_config = config
     model.hf_quantizer = HfCompressQuantizer(config, pre_quantized=True)

@@ -20,7 +20,6 @@ one :class:`~hfcompress.lossless.LosslessFormatError` naming the tensors.
 
 from __future__ import annotations
 
-import importlib
 import os
 import types
 import warnings
@@ -38,6 +37,7 @@ from .storage.loader import METADATA_KEY as LOSSLESS_METADATA_KEY
 from .storage.lazy import defer
 from .storage.loader import LoadSession, drop_lossless_conversions, lossless_converter, lossless_state_dict
 from .config import QUANT_METHOD, HfCompressConfig
+from .bindings import install_model_methods
 from .modules import CompressedModule, compressed_modules, compressed_twin, set_submodule
 from .plan.targets import resolve_layers
 
@@ -139,6 +139,10 @@ class HfCompressQuantizer(HfQuantizer):
         if self.pre_quantized and getattr(self, "_stored_names", None) is not None:
             check_stored_keys(model, self._stored_names, kwargs.get("key_mapping"))
             self._stored_names = None
+        self._load_checked = False
+        # transformers >= 5.25 kernelizes the model (Hub kernels) between loading and postprocess_model: the loaded
+        # tensors are checked, and damaged payloads reported, before that, not after it failed on them
+        _run_once_before(model, "set_use_kernels", self._check_loaded)
         return model
 
     def param_needs_quantization(self, model, param_name: str, **kwargs: Any) -> bool:
@@ -162,16 +166,24 @@ class HfCompressQuantizer(HfQuantizer):
         return super().get_new_dtype(converter, param, dtype)
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
-        validate_loaded(model)
+        self._check_loaded(model)
         install_model_methods(model)  # push_to_hub with the card; add_adapter/load_adapter with hfcompress's LoRA layer
         drop_lossless_conversions(model)
+        return model
+
+    def _check_loaded(self, model) -> None:
+        """Once per load: every compressed module got valid tensors; damaged lossless payloads raise one clear error;
+        payloads decoded on first use are deferred."""
+        if getattr(self, "_load_checked", False):
+            return
+        self._load_checked = True
+        validate_loaded(model)
         session = getattr(self, "_lossless_session", None)
         if session is not None:
             self._lossless_session = None
             session.raise_errors(getattr(model, "name_or_path", None))  # damaged payloads: one clear error
             if session.deferred:
                 defer(model, session.deferred, session.mode)
-        return model
 
     # ------------------------------------------------------------------ lossless stage (storage transform)
     def get_weight_conversions(self):
@@ -257,41 +269,19 @@ def _materialized(model, name: str, tensor: torch.Tensor) -> torch.Tensor:
     return load_offloaded_parameter(model, name)
 
 
-#: methods every compressed model carries in place of transformers' own: ``{name: "module:function"}``. The
-#: module is imported when the method is called, so loading a model loads no card, upload or PEFT code.
-MODEL_METHODS = {
-    "push_to_hub": "hfcompress.hub.push:push_with_card",
-    "add_adapter": "hfcompress.peft.model_methods:add_adapter",
-    "load_adapter": "hfcompress.peft.model_methods:load_adapter",
-}
+def _run_once_before(model, method: str, step) -> None:
+    """Make the next call of ``model.<method>`` (a method of transformers' model class) run ``step(model)`` first.
 
-
-def _lazy_method(name: str, target: str):
-    module_name, function_name = target.split(":")
-
-    def method(self, *args, **kwargs):
-        return getattr(importlib.import_module(module_name), function_name)(self, *args, **kwargs)
-
-    method.__name__ = name
-    method.__doc__ = f"hfcompress's ``{name}`` for compressed models (``{module_name}.{function_name}``)."
-    return method
-
-
-def install_model_methods(model):
-    """Bind hfcompress's versions of transformers' model methods to this model instance (:data:`MODEL_METHODS`).
-
-    * ``model.push_to_hub(repo_id, ...)`` uploads the compressed weights, config *and* the hfcompress model card
-      (:func:`hfcompress.hub.push.push_with_card`);
-    * ``model.add_adapter(LoraConfig(...))`` and ``model.load_adapter(path)`` put hfcompress's LoRA layer on the
-      compressed modules (:mod:`hfcompress.peft.model_methods`).
-
-    Same signatures as transformers'; methods the model class lacks are left out. Idempotent; returns the model.
+    The instance attribute is removed at that call, so the class's own method serves every later one. Nothing
+    happens for a class without the method (other transformers releases).
     """
-    if getattr(model, "_hfcompress_methods", False):
-        return model
-    for name, target in MODEL_METHODS.items():
-        if callable(getattr(type(model), name, None)):
-            setattr(model, name, types.MethodType(_lazy_method(name, target), model))
-    model._hfcompress_methods = True
-    return model
+    original = getattr(type(model), method, None)
+    if original is None:
+        return
 
+    def first(self, *args, **kwargs):
+        self.__dict__.pop(method, None)
+        step(self)
+        return original(self, *args, **kwargs)
+
+    model.__dict__[method] = types.MethodType(first, model)

@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("modules", ("hfcompress.modules", "hfcompress.storage", "hfcompress.inference", "hfcompress.report", "hfcompress.distributed")),
     ("plan", ("hfcompress.plan", "hfcompress.calibration.pipeline", "hfcompress.inspection")),
     ("entry points", (
-        "hfcompress.quantizer", "hfcompress.apply", "hfcompress.oneshot", "hfcompress.convert", "hfcompress.streaming",
+        "hfcompress.bindings", "hfcompress.quantizer", "hfcompress.apply", "hfcompress.oneshot", "hfcompress.convert", "hfcompress.streaming",
         "hfcompress.peft", "hfcompress.harness",
     )),
     ("publishing", ("hfcompress.hub", "hfcompress.export")),

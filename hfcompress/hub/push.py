@@ -6,7 +6,7 @@
 * :func:`push_to_hub` uploads a compressed model or saved folder with its card through
   ``huggingface_hub`` (``create_repo`` + ``upload_folder``: LFS/Xet for the safetensors).
 * :func:`push_with_card` is what ``model.push_to_hub(...)`` of a compressed model runs (installed by
-  :func:`hfcompress.quantizer.install_model_methods` on every model hfcompress compresses or loads):
+  :func:`hfcompress.bindings.install_model_methods` on every model hfcompress compresses or loads):
   transformers' own ``push_to_hub`` would replace the card with a generic one.
 """
 

@@ -60,7 +60,8 @@ def twin_class(dense_cls: type[nn.Module]) -> type[CompressedModule]:
     base = next(twin for dense, twin in _TWINS.items() if issubclass(dense_cls, dense))
     standard = base.dense_cls
     overridden = [name for name in _FORWARD_METHODS[standard] if getattr(dense_cls, name) is not getattr(standard, name)]
-    namespace: dict = {"__module__": __name__, "dense_cls": dense_cls, "_dense_dtype": _weight_dtype_of}
+    # transformers initialises subclasses as before (restoring their non-persistent buffers, e.g. Gemma's embed_scale)
+    namespace: dict = {"__module__": __name__, "dense_cls": dense_cls, "_dense_dtype": _weight_dtype_of, "_is_hf_initialized": False}
     if overridden:
         namespace["forward"] = dense_cls.forward
         namespace["_subclass_forward"] = True

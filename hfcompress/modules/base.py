@@ -29,7 +29,7 @@ class CompressedModule(nn.Module):
     dense_cls: type[nn.Module] = nn.Module
 
     def __init__(self, spec: LayerSpec, weight_shape: tuple[int, ...]) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not the dense class's __init__ (CompressedLinear is an nn.Linear): no dense weight
         self.spec = spec
         self.format_name = format_for(spec)
         self.dense_shape = tuple(int(s) for s in weight_shape)

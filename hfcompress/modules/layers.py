@@ -19,8 +19,14 @@ def _copy_bias(dst: nn.Module, src: nn.Module) -> None:
     dst.register_parameter("bias", None if bias is None else nn.Parameter(bias.data, requires_grad=bias.requires_grad))
 
 
-class CompressedLinear(CompressedModule):
+class CompressedLinear(CompressedModule, nn.Linear):
+    """An ``nn.Linear`` whose weight is stored compressed (``isinstance(m, nn.Linear)`` holds, so code that
+    looks for Linear layers, PEFT's among them, finds it; ``weight`` is the decoded dense weight)."""
+
     dense_cls = nn.Linear
+    #: transformers' weight initialisation (``_init_weights``, which knows ``nn.Linear``) skips it: the weight is
+    #: the stored one, and decoding it only to draw into the decoded copy would cost a decode per layer at load
+    _is_hf_initialized = True
 
     def __init__(self, in_features: int, out_features: int, bias: bool, spec: LayerSpec, **factory) -> None:
         super().__init__(spec, (out_features, in_features))
@@ -38,6 +44,9 @@ class CompressedLinear(CompressedModule):
         if fast is not None and fast.run is not None:
             return fast.run(x)
         return F.linear(x, self._compute_weight(x.dtype, fast), self.bias)
+
+    def reset_parameters(self) -> None:
+        """Nothing to initialise: the weight is the stored compressed one (``nn.Linear``'s would draw a new bias)."""
 
 
 class CompressedConv2d(CompressedModule):

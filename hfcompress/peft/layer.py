@@ -40,7 +40,7 @@ from ..modules import CompressedLinear
 from .masks import sparsity_mask
 from .merge import GRIDS, LayerMergeReport, merge_into, project_to_base
 
-__all__ = ["CompressedLoraLinear", "compressed_lora_layer", "register_compressed_lora"]
+__all__ = ["CompressedLoraLinear", "adopt_peft_linear", "compressed_lora_layer", "register_compressed_lora"]
 
 #: LoraConfig.init_lora_weights values that never read or rewrite the base weight
 _SAFE_INITS = (True, False, "gaussian")
@@ -74,13 +74,16 @@ class CompressedLoraLinear(nn.Module, LoraLayer):
         super().__init__()
         LoraLayer.__init__(self, base_layer, **kwargs)
         self.fan_in_fan_out = False
-        self.merge_reports: dict[str, LayerMergeReport] = {}
-        self._premerge: dict[str, torch.Tensor] | None = None
-        mask = sparsity_mask(base_layer)
-        # the mask never changes (merges keep it), so it is cached as a non-persistent buffer
-        self.register_buffer("sparsity_mask", mask, persistent=False)
+        self._attach(base_layer)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+
+    def _attach(self, base_layer: CompressedLinear) -> None:
+        """The layer's own state beside PEFT's: merge reports, the pre-merge tensors, the base's sparsity mask."""
+        self.merge_reports: dict[str, LayerMergeReport] = {}
+        self._premerge: dict[str, torch.Tensor] | None = None
+        # the mask never changes (merges keep it), so it is cached as a non-persistent buffer
+        self.register_buffer("sparsity_mask", sparsity_mask(base_layer), persistent=False)
 
     # ------------------------------------------------------------------ PEFT hooks
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
@@ -240,6 +243,19 @@ def _check_config(config: LoraConfig, base: nn.Module, quant_aware: bool) -> Non
             f"lora_dropout={config.lora_dropout} cannot be combined with quant_aware=True (the rounding acts on the whole "
             "weight, so the adapter's input cannot be dropped out separately); set lora_dropout=0."
         )
+
+
+def adopt_peft_linear(layer: nn.Module, base_layer: CompressedLinear) -> None:
+    """Turn PEFT's own ``lora.Linear``, at the moment it receives a compressed Linear as its base, into a
+    :class:`CompressedLoraLinear` (the default policy).
+
+    Called by hfcompress's module-registration hook (:func:`hfcompress.bindings.install_model_methods`) from
+    inside PEFT's ``LoraLayer.__init__``, when ``self.base_layer = base_layer`` runs and before PEFT creates the
+    adapter: PEFT's constructor goes on with this class's ``update_layer`` (which checks the config), so a plain
+    ``peft.get_peft_model(model, LoraConfig(...))`` builds exactly the layer :func:`register_compressed_lora` would.
+    """
+    layer.__class__ = CompressedLoraLinear
+    layer._attach(base_layer)
 
 
 @lru_cache(maxsize=None)

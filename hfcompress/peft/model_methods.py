@@ -1,7 +1,7 @@
 """transformers' own adapter methods on compressed models: ``model.add_adapter`` and ``model.load_adapter``.
 
 Every model hfcompress compresses or loads carries these two methods in place of transformers' (bound to the
-instance by :func:`hfcompress.quantizer.install_model_methods`, which imports this module only when one is
+instance by :func:`hfcompress.bindings.install_model_methods`, which imports this module only when one is
 called). Each one hands transformers a :class:`peft.LoraConfig` that knows hfcompress's compressed Linear
 layer (:func:`~hfcompress.peft.register_compressed_lora`), then calls transformers' own method, so:
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from datasets import Dataset
-from peft import LoraConfig, PeftModel
+from peft import LoraConfig
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from hfcompress import peft as hpeft
@@ -124,12 +124,3 @@ def test_trainer_trains_only_the_adapter_and_keeps_the_base(tmp_path):
     merged, report = hpeft.merge_and_unload(hpeft.load_adapter(fresh, tmp_path / "adapter"))
     assert report.masks_preserved
     assert all(torch.equal(hpeft.sparsity_masks(merged)[k], masks[k]) for k in masks)
-
-
-def test_plain_peft_model_wrap_of_a_model_with_methods_still_needs_registration():
-    """``peft.get_peft_model`` cannot reach the model (see docs/guides/peft.md): it raises PEFT's own error."""
-    import peft
-
-    with pytest.raises(ValueError, match="is not supported"):
-        peft.get_peft_model(compressed_tiny("w4"), lora_config(target_modules=TARGETS))
-    assert isinstance(peft.get_peft_model(compressed_tiny("w4"), hpeft.register_compressed_lora(lora_config(target_modules=TARGETS))), PeftModel)
