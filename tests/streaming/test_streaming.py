@@ -134,13 +134,14 @@ def test_offloaded_activations_are_memory_mapped_and_change_nothing(dense_dir, t
     seen: list[tuple[str, bool, bool]] = []
     original = stream_run._calibrate_block
 
-    def spy(method, method_args, block_inputs, block, i, names, prefix, plan, hidden, true_sequential, spill=None):
+    def spy(run, block_inputs, block, i, names, state, spill=None):
+        prefix = f"model.layers.{i}."
         if prefix == "model.layers.2." and not seen[-1][0] == "crash":
             seen.append(("crash", False, False))
             raise _Crash("simulated crash before the last block")
-        out = original(method, method_args, block_inputs, block, i, names, prefix, plan, hidden, true_sequential, spill)
+        out = original(run, block_inputs, block, i, names, state, spill)
         # inputs and outputs of every block are the memory-mapped copies, never plain in-memory tensors
-        seen.append((prefix, all(h in spill for h in hidden), all(h in spill for h in out)))
+        seen.append((prefix, all(h in spill for h in state.hidden), all(h in spill for h in out.hidden)))
         return out
 
     monkeypatch.setattr(stream_run, "_calibrate_block", spy)
