@@ -349,12 +349,7 @@ def _checked_arguments(
 
 
 def _refuse_unstreamable(method, model: nn.Module, head: list[str]) -> None:
-    """Streaming keeps neither the dense model's activations nor a full forward: refuse what needs them."""
-    if "dense_cross" in method.needs or method.tune_options is not None:
-        raise ValueError(
-            f"method={method.name!r} follows the dense model's activations next to the compressed ones, which streaming "
-            "does not keep; compress in memory with hfcompress.oneshot, or pick gptq/quantease/sparsegpt/wanda."
-        )
+    """Streaming runs no full forward of the model: refuse calibrated targets outside the blocks that need one."""
     if not method.data_free:
         bad = [n for n in head if not isinstance(model.get_submodule(n), nn.Embedding)]
         if bad:

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import hfcompress
 from hfcompress import HfCompressConfig
+from hfcompress.algorithms import Method, get_method, register_method
 from hfcompress.testing.models import tiny_llama
 from hfcompress.streaming import compress_checkpoint, parse_size, partial_dir
 from hfcompress.streaming import run as stream_run
@@ -155,6 +156,44 @@ def test_offloaded_activations_are_memory_mapped_and_change_nothing(dense_dir, t
     ]  # fmt: skip
     _assert_same(_saved_tensors(done), _saved_tensors(reference))
     assert not [p.name for p in done.iterdir() if p.name.startswith("hidden-")]  # no spill files left behind
+
+
+def _gptq_on_dense_cross(weight, stats, spec, args):
+    return get_method("gptq").compress_layer(weight, stats, spec, args)
+
+
+try:
+    get_method("test_stream_cross")
+except ValueError:  # a method reading the dense model's inputs (``dense_cross``), as quantease variants may
+    register_method(Method("test_stream_cross", False, True, False, "test", needs=frozenset({"hessian", "dense_cross"}), compress_layer=_gptq_on_dense_cross))
+
+
+@pytest.mark.parametrize(("method", "method_args", "offload"), [
+    ("blocktune", {"tune_samples": 2, "tune_batch_size": 2}, False),  # targets for the first batch only
+    ("blocktune", {"tune_samples": 4, "tune_batch_size": 2}, True),
+    ("test_stream_cross", {}, True),
+])  # fmt: skip
+def test_methods_following_the_dense_model_stream_and_resume_like_in_memory(dense_dir, tmp_path, monkeypatch, method, method_args, offload):
+    config = HfCompressConfig(method=method, bits=4, group_size=32, method_args=method_args)
+    kwargs = dict(batch_size=2, true_sequential=True)
+    crashed: list[bool] = []
+    original = stream_run._materialize
+
+    def crashing(module, prefix, *args, **kw):
+        if prefix == "model.layers.2." and not crashed:
+            crashed.append(True)
+            raise _Crash("simulated crash while loading the last block")
+        return original(module, prefix, *args, **kw)
+
+    monkeypatch.setattr(stream_run, "_materialize", crashing)
+    out = tmp_path / "out"
+    stream = dict(shard_size=1, offload_activations=offload, show_progress=False, **kwargs)
+    with pytest.raises(_Crash):
+        compress_checkpoint(dense_dir, out, config, _ids(), **stream)
+    saved = torch.load(partial_dir(out) / "hidden-u00003-rank0.pt", weights_only=True)
+    assert saved["dense_hidden"] is not None  # the dense model's hidden states are saved for the resume too
+    done = compress_checkpoint(dense_dir, out, config, _ids(), **stream)  # resumes before the last block
+    _assert_same(_saved_tensors(done), _in_memory(dense_dir, config, tmp_path, dataset=_ids(), **kwargs))
 
 
 def test_resume_refuses_other_settings(dense_dir, tmp_path, monkeypatch):
