@@ -94,13 +94,8 @@ class _Crash(RuntimeError):
     pass
 
 
-@pytest.mark.parametrize("method", ["rtn", pytest.param("gptq", marks=pytest.mark.slow)])
-def test_interrupted_run_resumes_from_last_written_block(dense_dir, tmp_path, monkeypatch, method):
-    config = HfCompressConfig(method=method, bits=4, group_size=32)
-    data = None if method == "rtn" else _ids()
-    kwargs = dict(batch_size=2, shard_size=1, show_progress=False)  # one shard per unit
-    reference = compress_checkpoint(dense_dir, tmp_path / "ref", config, data, **kwargs)
-
+def _crash_loading_the_last_block(monkeypatch) -> list[str]:
+    """Make the next run crash once, while loading block 2 of 3; returns the prefixes loaded (grows as they are)."""
     materialized: list[str] = []
     crashed: list[bool] = []
     original = stream_run._materialize
@@ -113,6 +108,17 @@ def test_interrupted_run_resumes_from_last_written_block(dense_dir, tmp_path, mo
         return original(module, prefix, *args, **kw)
 
     monkeypatch.setattr(stream_run, "_materialize", crashing)
+    return materialized
+
+
+@pytest.mark.parametrize("method", ["rtn", pytest.param("gptq", marks=pytest.mark.slow)])
+def test_interrupted_run_resumes_from_last_written_block(dense_dir, tmp_path, monkeypatch, method):
+    config = HfCompressConfig(method=method, bits=4, group_size=32)
+    data = None if method == "rtn" else _ids()
+    kwargs = dict(batch_size=2, shard_size=1, show_progress=False)  # one shard per unit
+    reference = compress_checkpoint(dense_dir, tmp_path / "ref", config, data, **kwargs)
+
+    materialized = _crash_loading_the_last_block(monkeypatch)
     out = tmp_path / "out"
     with pytest.raises(_Crash):
         compress_checkpoint(dense_dir, out, config, data, **kwargs)
@@ -176,16 +182,7 @@ except ValueError:  # a method reading the dense model's inputs (``dense_cross``
 def test_methods_following_the_dense_model_stream_and_resume_like_in_memory(dense_dir, tmp_path, monkeypatch, method, method_args, offload):
     config = HfCompressConfig(method=method, bits=4, group_size=32, method_args=method_args)
     kwargs = dict(batch_size=2, true_sequential=True)
-    crashed: list[bool] = []
-    original = stream_run._materialize
-
-    def crashing(module, prefix, *args, **kw):
-        if prefix == "model.layers.2." and not crashed:
-            crashed.append(True)
-            raise _Crash("simulated crash while loading the last block")
-        return original(module, prefix, *args, **kw)
-
-    monkeypatch.setattr(stream_run, "_materialize", crashing)
+    _crash_loading_the_last_block(monkeypatch)
     out = tmp_path / "out"
     stream = dict(shard_size=1, offload_activations=offload, show_progress=False, **kwargs)
     with pytest.raises(_Crash):
