@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -215,7 +216,7 @@ def _on_cpu(hidden: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
     return None if hidden is None else [h.to("cpu") for h in hidden]
 
 
-def _saved_state(saved: dict[str, Any], move) -> CalibrationState:
+def _saved_state(saved: dict[str, Any] | list[torch.Tensor], move: Callable[[torch.Tensor], torch.Tensor]) -> CalibrationState:
     """The :class:`CalibrationState` that :func:`_save_hidden` wrote, each tensor passed through ``move``."""
     if isinstance(saved, list):  # written before the dense model's hidden states were saved too
         saved = {"hidden": saved, "dense_hidden": None}
@@ -403,7 +404,8 @@ def compress_checkpoint(
             work folder, memory-mapped, instead of in memory (CPU compute only). They then cost page cache,
             which the kernel evicts under memory pressure, not resident memory that must fit: for
             calibration sets whose activations (``num_samples x seq_len x hidden x 4`` bytes, twice at
-            block boundaries, twice more for methods that follow the dense model) rival a block's weights. The output is the same either way.
+            block boundaries, twice more for methods that follow the dense model) rival a block's weights.
+            The output is the same either way.
         resume: continue an interrupted run with the same arguments from its last written shard.
         overwrite: replace an existing ``out``.
         show_progress: tqdm progress bar over the units.
