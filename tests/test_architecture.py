@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("config", ("hfcompress.config", "hfcompress.recipes")),
     ("kernels", ("hfcompress.kernels",)),
     ("modules", ("hfcompress.modules", "hfcompress.storage", "hfcompress.inference", "hfcompress.report", "hfcompress.distributed")),
-    ("plan", ("hfcompress.plan", "hfcompress.calibration.pipeline", "hfcompress.inspection")),
+    ("plan", ("hfcompress.plan", "hfcompress.calibration.pipeline", "hfcompress.calibration.step", "hfcompress.inspection")),
     ("entry points", (
         "hfcompress.bindings", "hfcompress.quantizer", "hfcompress.apply", "hfcompress.oneshot", "hfcompress.convert", "hfcompress.streaming",
         "hfcompress.peft", "hfcompress.harness",

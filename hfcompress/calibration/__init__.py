@@ -6,9 +6,10 @@
   the forward hooks collecting them (Linear, Conv2d via unfold); ``reduce=``/:func:`reducing` combine each
   module's float64 sums (:class:`LayerSums`) before normalisation, e.g. over processes.
 * :mod:`.blocks`: finding the block list and capturing what each block receives.
-* :mod:`.pipeline`: :func:`~hfcompress.calibration.pipeline.run_calibration`, used by :func:`hfcompress.oneshot`
-  (a layer above the others: it runs the methods on the compressed modules, so this package's namespace
-  does not import it).
+* :mod:`.pipeline`: :func:`~hfcompress.calibration.pipeline.run_calibration`, used by :func:`hfcompress.oneshot`,
+  and :mod:`.step`: :func:`~hfcompress.calibration.step.calibrate_block`, the per-block step it repeats and
+  streaming calls directly (a layer above the others: they run the methods on the compressed modules, so
+  this package's namespace does not import them).
 
 Writing a calibrated method: register a :class:`hfcompress.algorithms.Method` with ``data_free=False``,
 ``needs`` (a subset of ``{"hessian", "act_sq"}``) and ``compress_layer(weight2d, stats, spec, method_args)

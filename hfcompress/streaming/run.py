@@ -8,12 +8,14 @@ tensors (named exactly as ``model.state_dict()`` names them) go to the
 :class:`~hfcompress.streaming.writer.ShardWriter`, and the unit goes back to the meta device.
 
 * Data-free methods (``rtn``, ``magnitude``) compress each weight on its own: no forward pass runs.
-* Calibrated methods (``gptq``, ``sparsegpt``, ``wanda``...) reuse the layer-by-layer machinery of
-  :mod:`hfcompress.calibration.pipeline`: the block inputs are captured once with only the non-block
-  weights loaded, then each block collects its statistics on the current hidden states, is compressed
-  through ``Method.compress_layer`` and re-run to produce the next block's inputs. Memory holds one block
-  plus the calibration hidden states, or only the block with ``offload_activations=True`` (the hidden
-  states then live in memory-mapped files of the work folder). Under ``torch.distributed`` each process
+* Calibrated methods (``gptq``, ``sparsegpt``, ``wanda``, ``blocktune``...) go through the per-block step
+  of the in-memory pipeline, :func:`hfcompress.calibration.step.calibrate_block`: the block inputs are
+  captured once with only the non-block weights loaded, then each block collects its statistics on the
+  current hidden states, is compressed through ``Method.compress_layer`` (and tuned, for block tuning) and
+  re-run to produce the next block's inputs. Methods that follow the dense model (``dense_cross``
+  statistics, block tuning) carry its hidden states along too. Memory holds one block plus the
+  calibration hidden states, or only the block with ``offload_activations=True`` (the hidden states then
+  live in memory-mapped files of the work folder). Under ``torch.distributed`` each process
   forwards its share of the batches and the statistics are all-reduced (:mod:`hfcompress.distributed`).
 
 Every time a shard is written, the hidden states entering the next block are saved next to it, so an
@@ -24,13 +26,13 @@ Targets, output tensors and values are those of the in-memory path
 
 from __future__ import annotations
 
-import collections
 import copy
 import hashlib
 import json
 import logging
 import os
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +42,8 @@ from tqdm.auto import tqdm
 
 from .. import distributed as dist_utils
 from ..algorithms import get_method
-from ..calibration.blocks import capture_block_inputs, find_blocks, first_tensor
-from ..calibration.pipeline import run_calibration
+from ..calibration.blocks import capture_block_inputs, find_blocks
+from ..calibration.step import CalibrationRun, CalibrationState, calibrate_block, entry_state
 from ..config import HfCompressConfig
 from ..integrity import CHECKSUMS_KEY, checksum_metadata
 from ..modules import CompressedModule, compressed_twin, set_submodule
@@ -205,8 +207,26 @@ def _hidden_path(work: Path, unit: int) -> Path:
     return work / f"hidden-u{unit:05d}-rank{dist_utils.rank()}.pt"
 
 
-def _save_hidden(work: Path, unit: int, hidden: list[torch.Tensor]) -> None:
-    write_file_atomic(_hidden_path(work, unit), lambda tmp: torch.save([h.to("cpu") for h in hidden], tmp))
+def _save_hidden(work: Path, unit: int, state: CalibrationState) -> None:
+    saved = {"hidden": _on_cpu(state.hidden), "dense_hidden": _on_cpu(state.dense_hidden)}
+    write_file_atomic(_hidden_path(work, unit), lambda tmp: torch.save(saved, tmp))
+
+
+def _on_cpu(hidden: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+    return None if hidden is None else [h.to("cpu") for h in hidden]
+
+
+def _saved_state(saved: dict[str, Any] | list[torch.Tensor], move: Callable[[torch.Tensor], torch.Tensor]) -> CalibrationState:
+    """The :class:`CalibrationState` that :func:`_save_hidden` wrote, each tensor passed through ``move``."""
+    if isinstance(saved, list):  # written before the dense model's hidden states were saved too
+        saved = {"hidden": saved, "dense_hidden": None}
+    dense = saved["dense_hidden"]
+    return CalibrationState([move(h) for h in saved["hidden"]], None if dense is None else [move(h) for h in dense])
+
+
+def _load_state(path: Path, device: torch.device) -> CalibrationState:
+    """The hidden states saved for resuming, on ``device``."""
+    return _saved_state(torch.load(path, weights_only=True), lambda h: h.to(device))
 
 
 class _ActivationSpill:
@@ -257,12 +277,13 @@ class _ActivationSpill:
     def put_all(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         return [self.put(t) for t in tensors]
 
-    def load(self, path: Path) -> list[torch.Tensor]:
+    def load(self, path: Path) -> CalibrationState:
         """The hidden states saved for resuming, memory-mapped from their file."""
-        hidden = torch.load(path, mmap=True, weights_only=True)
-        for h in hidden:
-            self._track(h)
-        return hidden
+        return _saved_state(torch.load(path, mmap=True, weights_only=True), self._tracked)
+
+    def _tracked(self, tensor: torch.Tensor) -> torch.Tensor:
+        self._track(tensor)
+        return tensor
 
 
 def _drop_old_hidden(work: Path, keep: int) -> None:
@@ -329,12 +350,7 @@ def _checked_arguments(
 
 
 def _refuse_unstreamable(method, model: nn.Module, head: list[str]) -> None:
-    """Streaming keeps neither the dense model's activations nor a full forward: refuse what needs them."""
-    if "dense_cross" in method.needs or method.tune_options is not None:
-        raise ValueError(
-            f"method={method.name!r} follows the dense model's activations next to the compressed ones, which streaming "
-            "does not keep; compress in memory with hfcompress.oneshot, or pick gptq/quantease/sparsegpt/wanda."
-        )
+    """Streaming runs no full forward of the model: refuse calibrated targets outside the blocks that need one."""
     if not method.data_free:
         bad = [n for n in head if not isinstance(model.get_submodule(n), nn.Embedding)]
         if bad:
@@ -388,7 +404,8 @@ def compress_checkpoint(
             work folder, memory-mapped, instead of in memory (CPU compute only). They then cost page cache,
             which the kernel evicts under memory pressure, not resident memory that must fit: for
             calibration sets whose activations (``num_samples x seq_len x hidden x 4`` bytes, twice at
-            block boundaries) rival a block's weights. The output is the same either way.
+            block boundaries, twice more for methods that follow the dense model) rival a block's weights.
+            The output is the same either way.
         resume: continue an interrupted run with the same arguments from its last written shard.
         overwrite: replace an existing ``out``.
         show_progress: tqdm progress bar over the units.
@@ -443,8 +460,12 @@ def compress_checkpoint(
     if units_done:
         logger.info("Resuming %s after %d of %d units.", out, units_done, len(block_list) + 1)
     spill = _ActivationSpill(work) if offload_activations and not method.data_free else None
+    run = None
+    if not method.data_free:
+        reduce = dist_utils.all_reduce_sums if dist_utils.is_distributed() else None
+        run = CalibrationRun(model, plan, method, config.method_args, reduce=reduce, true_sequential=true_sequential)
 
-    def emit(tensors: dict[str, torch.Tensor], unit: int, hidden: list[torch.Tensor] | None, last: bool) -> None:
+    def emit(tensors: dict[str, torch.Tensor], unit: int, state: CalibrationState | None, last: bool) -> None:
         if config.lossless:
             from ..formats.lossless import encode_state_dict
 
@@ -454,8 +475,8 @@ def compress_checkpoint(
         flush = _broadcast(writer.should_flush() if writer is not None else False) or last
         if not flush:
             return
-        if hidden is not None and not last:
-            _save_hidden(work, unit, hidden)
+        if state is not None and not last:
+            _save_hidden(work, unit, state)
         dist_utils.barrier()
         if writer is not None:
             writer.flush(unit)
@@ -465,7 +486,7 @@ def compress_checkpoint(
     with tqdm(total=len(block_list) + 1, initial=units_done, desc=f"stream {method.name}", unit="unit", disable=not show_progress) as progress:  # closed on errors too: no redraw under the error report
         # ---- unit 0: weights outside the blocks (and, for calibration, the block inputs)
         block_inputs = None
-        hidden: list[torch.Tensor] = []
+        state: CalibrationState | None = None
         if units_done == 0 or not method.data_free:
             saved = [copy.deepcopy(b) for b in block_list]  # meta: free
             for i in range(len(block_list)):
@@ -485,13 +506,15 @@ def compress_checkpoint(
                 block_inputs.hidden = []
                 if spill is not None:
                     hidden = spill.put_all(hidden)
+                state = entry_state(run, hidden, block_inputs.rows)
+                del hidden
             if units_done == 0:
                 if method.data_free:
                     _compress_data_free(model, head, plan, method.name)
                 elif head:  # embeddings: identity statistics, as the in-memory pipeline gives them
                     _compress_identity(model, head, plan, method, config.method_args)
                 tensors = _head_tensors(model, prefixes, tied)
-                emit(tensors, 1, hidden if not method.data_free else None, last=not block_list)
+                emit(tensors, 1, state, last=not block_list)
                 del tensors  # written: do not hold the non-block weights while the blocks run
             # free the non-block weights: compressed twins and dense tensors alike go back to meta
             for name in head:
@@ -500,11 +523,8 @@ def compress_checkpoint(
             _release(model, [n for n in loaded if not any(n.startswith(h + ".") for h in head)])
             progress.update(0 if units_done else 1)
         if units_done >= 2 and not method.data_free:
-            if spill is not None:
-                hidden = spill.load(_hidden_path(work, units_done))
-            else:
-                hidden = torch.load(_hidden_path(work, units_done), weights_only=True)
-                hidden = [h.to(device) for h in hidden]
+            path = _hidden_path(work, units_done)
+            state = spill.load(path) if spill is not None else _load_state(path, device)
 
         # ---- one unit per block
         for i in range(len(block_list)):
@@ -520,14 +540,12 @@ def compress_checkpoint(
                 if method.data_free:
                     _compress_data_free(model, names, plan, method.name)
                 else:
-                    hidden = _calibrate_block(
-                        method, config.method_args, block_inputs, block, i, names, prefixes[i], plan, hidden, true_sequential, spill
-                    )
+                    state = _calibrate_block(run, block_inputs, block, i, names, state, spill)
                 tensors = _cpu_tensors(block, prefixes[i], set())
             finally:
                 block_list[i] = meta_block
                 del block
-            emit(tensors, unit, hidden if not method.data_free else None, last=i == len(block_list) - 1)
+            emit(tensors, unit, state, last=i == len(block_list) - 1)
             del tensors
             progress.update(1)
     result = out
@@ -554,67 +572,16 @@ def _head_tensors(model: nn.Module, prefixes: list[str], tied: set[str]) -> dict
     return out
 
 
-class _OneBlock(nn.Module):
-    """A model made of one block, fed the recorded hidden states and arguments of each calibration batch.
-
-    :func:`~hfcompress.calibration.pipeline.run_calibration` runs on it as on any model, so streaming
-    calibrates each block exactly as the in-memory pipeline does (stages, statistics, compression).
-    """
-
-    def __init__(self, block: nn.Module, block_inputs, index: int) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList([block])
-        self._inputs = block_inputs
-        self._index = index
-
-    def forward(self, hidden_states: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:
-        return self._inputs.call(self.layers[0], self._index, int(batch_index), hidden_states)
-
-
-def _with_hidden(out, hidden: torch.Tensor):
-    """A block output like ``out`` (tensor, tuple/list, ModelOutput) with ``hidden`` as its hidden states."""
-    if isinstance(out, torch.Tensor):
-        return hidden
-    if isinstance(out, (tuple, list)):
-        return type(out)([hidden, *out[1:]]) if isinstance(out, list) else (hidden, *out[1:])
-    key = next(iter(out.keys()))  # a ModelOutput: the hidden states are its first field
-    out[key] = hidden
-    return out
-
-
-def _calibrate_block(method, method_args, block_inputs, block, i, names, prefix, plan, hidden, true_sequential, spill=None):
-    """Compress the targeted modules of one block in place; returns the hidden states for the next block
-    (spilled to memory-mapped files as they are produced when ``spill`` is given)."""
-    if not names:
-        put = spill.put if spill is not None else (lambda t: t)
-        return [put(block_inputs.call(block, i, b, h)) for b, h in enumerate(hidden)]
-    wrapper = _OneBlock(block, block_inputs, i)
-    local = {"layers.0." + n[len(prefix) :]: plan[n] for n in names}
-    batches = [{"hidden_states": h, "batch_index": torch.tensor(b)} for b, h in enumerate(hidden)]
-    # the pipeline's last pass over the block runs the compressed block on every batch, in order, to make
-    # the next block's inputs: keep those outputs instead of recomputing them
-    outputs: collections.deque = collections.deque(maxlen=len(hidden))
-
-    def keep(mod, args, out):
-        hidden_out = first_tensor(out)
-        if spill is not None:  # replace the output by its memory-mapped copy: nothing holds the original
-            mapped = spill.put(hidden_out)
-            outputs.append(mapped)
-            return None if mapped is hidden_out else _with_hidden(out, mapped)
-        outputs.append(hidden_out)
-        return None
-
-    handle = block.register_forward_hook(keep)
+@torch.no_grad()
+def _calibrate_block(
+    run: CalibrationRun, block_inputs, block: nn.Module, i: int, names: list[str], state: CalibrationState, spill=None
+) -> CalibrationState:
+    """Compress the targeted modules of one block in place; returns the state entering the next block (its
+    hidden states spilled to memory-mapped files as they are produced when ``spill`` is given)."""
     try:
-        run_calibration(
-            wrapper, local, method, method_args, batches, blocks="layers", true_sequential=true_sequential,
-            show_progress=False, reduce=dist_utils.all_reduce_sums if dist_utils.is_distributed() else None,
-        )  # fmt: skip
+        return calibrate_block(run, block_inputs, block, i, names, state, store=spill.put if spill is not None else None)
     finally:
-        handle.remove()
-    if len(outputs) != len(hidden):  # pragma: no cover - guards the pipeline contract
-        raise RuntimeError("The calibration pipeline did not re-run the compressed block on every batch.")
-    return list(outputs)
+        run.commit()  # the block is written next or dropped: its dense modules need not be kept for a rollback
 
 
 def _calibration_batches(model, src, dataset, tokenizer, num_samples, seq_len, seed, batch_size, text_column, dataset_config, split):

@@ -10,7 +10,6 @@ from hfcompress import HfCompressConfig, oneshot
 from hfcompress.algorithms.blocktune import BlockTuneOptions
 from hfcompress.calibration.blocks import capture_block_inputs, find_blocks
 from hfcompress.testing.models import tiny_llama
-from hfcompress.streaming import compress_checkpoint
 
 TUNE = {"tune_samples": 8, "tune_batch_size": 2}
 
@@ -106,14 +105,6 @@ def test_call_rows_runs_a_slice_of_a_batch_like_the_whole_batch():
         full = rec.call(blocks[0], 0, 0, rec.hidden[0])
         part = rec.call_rows(blocks[0], 0, 0, slice(1, 3), rec.hidden[0][1:3])
     torch.testing.assert_close(part, full[1:3], rtol=1e-5, atol=1e-6)
-
-
-def test_streaming_refuses_block_tuning(tmp_path):
-    src = tmp_path / "dense"
-    tiny_llama(num_hidden_layers=2).save_pretrained(src)
-    with pytest.raises(ValueError, match="blocktune"):
-        compress_checkpoint(src, tmp_path / "out", HfCompressConfig(method="blocktune", bits=4), _ids(4), show_progress=False)
-    assert not (tmp_path / "out").exists()
 
 
 def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:

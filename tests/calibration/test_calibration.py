@@ -466,3 +466,51 @@ def test_unaligned_weights_get_aligned_storage_of_their_own():
     assert layer.weight.data_ptr() % 64 == 0 and layer.weight.data_ptr() != view.data_ptr()
     assert torch.equal(layer.weight, before) and isinstance(layer.weight, nn.Parameter)
     assert own_aligned_storage(layer) == 0  # already aligned: nothing copied
+
+
+# ---------------------------------------------------------------------- the public per-block step
+def test_calibrate_block_walked_by_hand_gives_what_run_calibration_gives():
+    from hfcompress.calibration.blocks import capture_block_inputs
+    from hfcompress.calibration.step import CalibrationRun, calibrate_block, entry_state
+    from hfcompress.plan.targets import resolve_layers
+
+    config = HfCompressConfig(method="blocktune", bits=4, group_size=32, method_args={"tune_samples": 2, "tune_batch_size": 2})
+    ids = torch.randint(1, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    reference = oneshot(tiny_llama(num_hidden_layers=2), config, ids, batch_size=2, show_progress=False)
+    model = tiny_llama(num_hidden_layers=2).eval()
+    plan = resolve_layers(model, config)
+    run = CalibrationRun(model, plan, get_method("blocktune"), config.method_args)
+    _, blocks = find_blocks(model)
+    with torch.no_grad():
+        inputs = capture_block_inputs(model, blocks, [{"input_ids": ids[:2]}, {"input_ids": ids[2:]}])
+    state = entry_state(run, inputs.hidden, inputs.rows)
+    assert len(state.dense_hidden) == 1  # block tuning keeps the dense batches its tune_samples come from
+    for i, block in enumerate(blocks):
+        state = calibrate_block(run, inputs, block, i, [n for n in plan if n.startswith(f"model.layers.{i}.")], state)
+    run.commit()
+    expected = reference.state_dict()
+    assert all(torch.equal(t, expected[k]) for k, t in model.state_dict().items())
+
+
+def test_calibrate_block_errors_name_the_argument_and_the_fix():
+    from hfcompress.calibration.blocks import capture_block_inputs
+    from hfcompress.calibration.step import CalibrationRun, CalibrationState, calibrate_block, entry_state
+    from hfcompress.plan.targets import resolve_layers
+
+    model = tiny_llama(num_hidden_layers=2).eval()
+    config = HfCompressConfig(method="blocktune", bits=4, group_size=32)
+    plan = resolve_layers(model, config)
+    with pytest.raises(ValueError, match=r"method='rtn' is data-free; use hfcompress.compress"):
+        CalibrationRun(model, plan, get_method("rtn"), {})
+    run = CalibrationRun(model, plan, get_method("blocktune"), {})
+    _, blocks = find_blocks(model)
+    with torch.no_grad():
+        inputs = capture_block_inputs(model, blocks, [{"input_ids": torch.ones(2, 8, dtype=torch.long)}])
+    names = [n for n in plan if n.startswith("model.layers.0.")]
+    with pytest.raises(ValueError, match=r"state.dense_hidden=None, but method='blocktune'.*entry_state"):
+        calibrate_block(run, inputs, blocks[0], 0, names, CalibrationState(inputs.hidden))
+    with pytest.raises(ValueError, match=r"state.hidden holds 2 batches but block_inputs recorded 1.*entry_state"):
+        calibrate_block(run, inputs, blocks[0], 0, names, CalibrationState(inputs.hidden * 2, inputs.hidden))
+    with pytest.raises(ValueError, match=r"names=\['model.layers.0.nope'\] are not in run.plan"):
+        calibrate_block(run, inputs, blocks[0], 0, ["model.layers.0.nope"], entry_state(run, inputs.hidden, inputs.rows))
+    assert not run.replaced  # nothing was compressed

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import hfcompress
 from hfcompress import HfCompressConfig
+from hfcompress.algorithms import Method, get_method, register_method
 from hfcompress.testing.models import tiny_llama
 from hfcompress.streaming import compress_checkpoint, parse_size, partial_dir
 from hfcompress.streaming import run as stream_run
@@ -93,13 +94,8 @@ class _Crash(RuntimeError):
     pass
 
 
-@pytest.mark.parametrize("method", ["rtn", pytest.param("gptq", marks=pytest.mark.slow)])
-def test_interrupted_run_resumes_from_last_written_block(dense_dir, tmp_path, monkeypatch, method):
-    config = HfCompressConfig(method=method, bits=4, group_size=32)
-    data = None if method == "rtn" else _ids()
-    kwargs = dict(batch_size=2, shard_size=1, show_progress=False)  # one shard per unit
-    reference = compress_checkpoint(dense_dir, tmp_path / "ref", config, data, **kwargs)
-
+def _crash_loading_the_last_block(monkeypatch) -> list[str]:
+    """Make the next run crash once, while loading block 2 of 3; returns the prefixes loaded (grows as they are)."""
     materialized: list[str] = []
     crashed: list[bool] = []
     original = stream_run._materialize
@@ -112,6 +108,17 @@ def test_interrupted_run_resumes_from_last_written_block(dense_dir, tmp_path, mo
         return original(module, prefix, *args, **kw)
 
     monkeypatch.setattr(stream_run, "_materialize", crashing)
+    return materialized
+
+
+@pytest.mark.parametrize("method", ["rtn", pytest.param("gptq", marks=pytest.mark.slow)])
+def test_interrupted_run_resumes_from_last_written_block(dense_dir, tmp_path, monkeypatch, method):
+    config = HfCompressConfig(method=method, bits=4, group_size=32)
+    data = None if method == "rtn" else _ids()
+    kwargs = dict(batch_size=2, shard_size=1, show_progress=False)  # one shard per unit
+    reference = compress_checkpoint(dense_dir, tmp_path / "ref", config, data, **kwargs)
+
+    materialized = _crash_loading_the_last_block(monkeypatch)
     out = tmp_path / "out"
     with pytest.raises(_Crash):
         compress_checkpoint(dense_dir, out, config, data, **kwargs)
@@ -134,13 +141,14 @@ def test_offloaded_activations_are_memory_mapped_and_change_nothing(dense_dir, t
     seen: list[tuple[str, bool, bool]] = []
     original = stream_run._calibrate_block
 
-    def spy(method, method_args, block_inputs, block, i, names, prefix, plan, hidden, true_sequential, spill=None):
+    def spy(run, block_inputs, block, i, names, state, spill=None):
+        prefix = f"model.layers.{i}."
         if prefix == "model.layers.2." and not seen[-1][0] == "crash":
             seen.append(("crash", False, False))
             raise _Crash("simulated crash before the last block")
-        out = original(method, method_args, block_inputs, block, i, names, prefix, plan, hidden, true_sequential, spill)
+        out = original(run, block_inputs, block, i, names, state, spill)
         # inputs and outputs of every block are the memory-mapped copies, never plain in-memory tensors
-        seen.append((prefix, all(h in spill for h in hidden), all(h in spill for h in out)))
+        seen.append((prefix, all(h in spill for h in state.hidden), all(h in spill for h in out.hidden)))
         return out
 
     monkeypatch.setattr(stream_run, "_calibrate_block", spy)
@@ -154,6 +162,35 @@ def test_offloaded_activations_are_memory_mapped_and_change_nothing(dense_dir, t
     ]  # fmt: skip
     _assert_same(_saved_tensors(done), _saved_tensors(reference))
     assert not [p.name for p in done.iterdir() if p.name.startswith("hidden-")]  # no spill files left behind
+
+
+def _gptq_on_dense_cross(weight, stats, spec, args):
+    return get_method("gptq").compress_layer(weight, stats, spec, args)
+
+
+try:
+    get_method("test_stream_cross")
+except ValueError:  # a method reading the dense model's inputs (``dense_cross``), as quantease variants may
+    register_method(Method("test_stream_cross", False, True, False, "test", needs=frozenset({"hessian", "dense_cross"}), compress_layer=_gptq_on_dense_cross))
+
+
+@pytest.mark.parametrize(("method", "method_args", "offload"), [
+    ("blocktune", {"tune_samples": 2, "tune_batch_size": 2}, False),  # targets for the first batch only
+    ("blocktune", {"tune_samples": 4, "tune_batch_size": 2}, True),
+    ("test_stream_cross", {}, True),
+])  # fmt: skip
+def test_methods_following_the_dense_model_stream_and_resume_like_in_memory(dense_dir, tmp_path, monkeypatch, method, method_args, offload):
+    config = HfCompressConfig(method=method, bits=4, group_size=32, method_args=method_args)
+    kwargs = dict(batch_size=2, true_sequential=True)
+    _crash_loading_the_last_block(monkeypatch)
+    out = tmp_path / "out"
+    stream = dict(shard_size=1, offload_activations=offload, show_progress=False, **kwargs)
+    with pytest.raises(_Crash):
+        compress_checkpoint(dense_dir, out, config, _ids(), **stream)
+    saved = torch.load(partial_dir(out) / "hidden-u00003-rank0.pt", weights_only=True)
+    assert saved["dense_hidden"] is not None  # the dense model's hidden states are saved for the resume too
+    done = compress_checkpoint(dense_dir, out, config, _ids(), **stream)  # resumes before the last block
+    _assert_same(_saved_tensors(done), _in_memory(dense_dir, config, tmp_path, dataset=_ids(), **kwargs))
 
 
 def test_resume_refuses_other_settings(dense_dir, tmp_path, monkeypatch):
