@@ -50,6 +50,9 @@ from hfcompress.inference import inference_nbytes, inference_paths, set_inferenc
 from hfcompress.testing.models import real_model_path, smollm2_gguf_path
 from hfcompress.modules import compressed_modules
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import write_results  # noqa: E402  (eval/common.py: the results file with command, commit, machine)
+
 PROMPT = "The capital of France is"
 
 
@@ -317,7 +320,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", default="", help="comma-separated configuration names")
     ap.add_argument("--no-rss", action="store_true")
-    ap.add_argument("--json", default="")
+    ap.add_argument("--json", default="", help="results file (default: eval/results/bench_inference.json)")
     ap.add_argument("--rss-child", default="", help=argparse.SUPPRESS)
     ap.add_argument("--rss-saved", default="", help=argparse.SUPPRESS)
     ap.add_argument("--rss-path", default="auto", help=argparse.SUPPRESS)
@@ -421,9 +424,9 @@ def main() -> None:
     for label, value, met in targets:
         print(f"{label:45} {value:6.2f}  {'met' if met else 'NOT met'}")
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"threads": args.threads, "load_average_start": load1, "rows": rows}, f, indent=1)
+    results = {"threads": args.threads, "load_average_start": load1, "load_average_end": os.getloadavg()[0],
+               "targets": [{"target": label, "value": value, "met": met} for label, value, met in targets], "rows": rows}
+    write_results("bench_inference", results, path=args.json or None)
 
 
 if __name__ == "__main__":
