@@ -33,6 +33,7 @@ import logging
 import os
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -419,46 +420,25 @@ def compress_checkpoint(
     size = parse_size(shard_size)
     method = get_method(config.method)
     reader = CheckpointReader(src)
-    model = _empty_model(hf_config, model_class, dtype)
-    base = getattr(model, "base_model_prefix", "") or ""
-    plan = resolve_layers(model, config)
-    blocks_name, block_list = find_blocks(model, blocks)
-    prefixes = [f"{blocks_name}.{i}." for i in range(len(block_list))]
-    per_block = [[n for n in plan if n.startswith(p)] for p in prefixes]
-    head = [n for n in plan if not any(n.startswith(p) for p in prefixes)]
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    layout = _model_layout(hf_config, model_class, dtype, config, blocks)
+    model, base, plan, block_list = layout.model, layout.base, layout.plan, layout.block_list
+    prefixes, per_block, head, tied = layout.prefixes, layout.per_block, layout.head, layout.tied
     _refuse_unstreamable(method, model, head)
 
-    settings: dict[str, Any] = {
-        "model_class": None if model_class is None else f"{model_class.__module__}.{model_class.__qualname__}",
-        "device": device.type, "blocks": blocks,
-    }  # fmt: skip
+    settings = _run_settings(model_class, device, blocks)
     batches: list[dict[str, torch.Tensor]] = []
     if not method.data_free:
         batches = _calibration_batches(
             model, src, dataset, tokenizer, num_samples, seq_len, seed, batch_size, text_column, dataset_config, split
         )
-        from ..calibration.data import check_token_ids
-
-        check_token_ids(batches, model)
         # the exact tokens (whatever dataset, tokenizer, seed or split produced them), and how they are batched
         settings.update(calibration=_batches_digest(batches), true_sequential=true_sequential)
         batches = [{k: v.to(device) for k, v in b.items()} for b in dist_utils.shard_batches(batches)]
 
-    metadata = {"format": "pt", **checksum_metadata({}, config)}
-    metadata.pop(CHECKSUMS_KEY)  # each part records its own tensors
-    if config.lossless:
-        from ..storage.loader import METADATA_KEY
-
-        metadata[METADATA_KEY] = "1"
     work = partial_dir(out)
-    writer = None
-    if dist_utils.is_main_process():
-        writer = ShardWriter(out, _fingerprint(src, reader, config, dtype, settings), size, resume, metadata)
-    units_done = _broadcast(writer.units_done if writer is not None else 0)
-    dist_utils.barrier()
+    writer, units_done = _open_writer(out, src, reader, config, dtype, settings, size, resume)
     if units_done:
-        logger.info("Resuming %s after %d of %d units.", out, units_done, len(block_list) + 1)
+        logger.info("Resuming %s after %d of %d units.", out, units_done, layout.units)
     spill = _ActivationSpill(work) if offload_activations and not method.data_free else None
     run = None
     if not method.data_free:
@@ -557,6 +537,70 @@ def compress_checkpoint(
     return result
 
 
+# ---------------------------------------------------------------------- the steps of compress_checkpoint
+@dataclass
+class _ModelLayout:
+    """Where the weights of the meta-device model are: the repeated blocks and what lies outside them."""
+
+    model: nn.Module
+    base: str  # base_model_prefix: checkpoints name their tensors with or without it
+    plan: dict[str, Any]  # targeted module -> its compression spec
+    block_list: nn.ModuleList
+    prefixes: list[str]  # state-dict prefix of each block
+    per_block: list[list[str]]  # targeted modules of each block
+    head: list[str]  # targeted modules outside the blocks
+    tied: set[str]  # tied weights: neither loaded nor written
+
+    @property
+    def units(self) -> int:
+        """The head unit, then one unit per block."""
+        return len(self.block_list) + 1
+
+
+def _model_layout(hf_config, model_class, dtype: torch.dtype, config: HfCompressConfig, blocks: str | None) -> _ModelLayout:
+    model = _empty_model(hf_config, model_class, dtype)
+    base = getattr(model, "base_model_prefix", "") or ""
+    plan = resolve_layers(model, config)
+    blocks_name, block_list = find_blocks(model, blocks)
+    prefixes = [f"{blocks_name}.{i}." for i in range(len(block_list))]
+    per_block = [[n for n in plan if n.startswith(p)] for p in prefixes]
+    head = [n for n in plan if not _in_blocks(n, prefixes)]
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    return _ModelLayout(model, base, plan, block_list, prefixes, per_block, head, tied)
+
+
+def _run_settings(model_class: type | None, device: torch.device, blocks: str | None) -> dict[str, Any]:
+    """The arguments besides config, checkpoint and data that the output depends on (part of the fingerprint)."""
+    return {
+        "model_class": None if model_class is None else f"{model_class.__module__}.{model_class.__qualname__}",
+        "device": device.type, "blocks": blocks,
+    }  # fmt: skip
+
+
+def _shard_metadata(config: HfCompressConfig) -> dict[str, str]:
+    metadata = {"format": "pt", **checksum_metadata({}, config)}
+    metadata.pop(CHECKSUMS_KEY)  # each part records its own tensors
+    if config.lossless:
+        from ..storage.loader import METADATA_KEY
+
+        metadata[METADATA_KEY] = "1"
+    return metadata
+
+
+def _open_writer(
+    out: Path, src: Path, reader: CheckpointReader, config: HfCompressConfig, dtype: torch.dtype, settings: dict[str, Any],
+    shard_size: int, resume: bool,
+) -> tuple[ShardWriter | None, int]:
+    """The :class:`ShardWriter` (rank 0 only; ``None`` elsewhere) and the number of units already written,
+    the same on every rank once the work folder is ready."""
+    metadata = _shard_metadata(config)
+    writer = None
+    if dist_utils.is_main_process():
+        writer = ShardWriter(out, _fingerprint(src, reader, config, dtype, settings), shard_size, resume, metadata)
+    units_done = _broadcast(writer.units_done if writer is not None else 0)
+    dist_utils.barrier()
+    return writer, units_done
+
 def _in_blocks(key: str, prefixes: list[str]) -> bool:
     return any(key.startswith(p) for p in prefixes)
 
@@ -585,10 +629,13 @@ def _calibrate_block(
 
 
 def _calibration_batches(model, src, dataset, tokenizer, num_samples, seq_len, seed, batch_size, text_column, dataset_config, split):
-    from ..calibration.data import model_calibration_batches
+    """All the calibration batches (every rank's), their token ids checked against the model."""
+    from ..calibration.data import check_token_ids, model_calibration_batches
 
-    return model_calibration_batches(
+    batches = model_calibration_batches(
         dataset, tokenizer, tokenizer_from=src, main_input_name=getattr(model, "main_input_name", "input_ids"),
         num_samples=num_samples, seq_len=seq_len, seed=seed, batch_size=batch_size, text_column=text_column,
         dataset_config=dataset_config, split=split,
     )  # fmt: skip
+    check_token_ids(batches, model)
+    return batches
