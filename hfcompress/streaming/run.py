@@ -33,6 +33,7 @@ import logging
 import os
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -419,142 +420,239 @@ def compress_checkpoint(
     size = parse_size(shard_size)
     method = get_method(config.method)
     reader = CheckpointReader(src)
+    layout = _model_layout(hf_config, model_class, dtype, config, blocks)
+    _refuse_unstreamable(method, layout.model, layout.head)
+
+    settings = _run_settings(model_class, device, blocks)
+    batches: list[dict[str, torch.Tensor]] = []
+    if not method.data_free:
+        batches = _calibration_batches(
+            layout.model, src, dataset, tokenizer, num_samples, seq_len, seed, batch_size, text_column, dataset_config, split
+        )
+        # the exact tokens (whatever dataset, tokenizer, seed or split produced them), and how they are batched
+        settings.update(calibration=_batches_digest(batches), true_sequential=true_sequential)
+        batches = [{k: v.to(device) for k, v in b.items()} for b in dist_utils.shard_batches(batches)]
+
+    writer, units_done = _open_writer(out, src, reader, config, dtype, settings, size, resume)
+    if units_done:
+        logger.info("Resuming %s after %d of %d units.", out, units_done, layout.units)
+    stream = _StreamRun(layout, reader, config, method, device, out, writer, offload_activations, true_sequential)
+    with tqdm(total=layout.units, initial=units_done, desc=f"stream {method.name}", unit="unit", disable=not show_progress) as progress:  # closed on errors too: no redraw under the error report
+        if units_done == 0 or not method.data_free:  # calibration needs the block inputs even when the head is written
+            stream.head_unit(batches, write=units_done == 0)
+            progress.update(0 if units_done else 1)
+        if units_done >= 2 and not method.data_free:
+            stream.resume_state(units_done)
+        for i in range(max(units_done - 1, 0), len(layout.block_list)):  # block i is unit i + 2
+            stream.block_unit(i)
+            progress.update(1)
+    return stream.finalize(hf_config, src, overwrite)
+
+
+# ---------------------------------------------------------------------- the steps of compress_checkpoint
+@dataclass
+class _ModelLayout:
+    """Where the weights of the meta-device model are: the repeated blocks and what lies outside them."""
+
+    model: nn.Module
+    base: str  # base_model_prefix: checkpoints name their tensors with or without it
+    plan: dict[str, Any]  # targeted module -> its compression spec
+    block_list: nn.ModuleList
+    prefixes: list[str]  # state-dict prefix of each block
+    per_block: list[list[str]]  # targeted modules of each block
+    head: list[str]  # targeted modules outside the blocks
+    tied: set[str]  # tied weights: neither loaded nor written
+
+    @property
+    def units(self) -> int:
+        """The head unit, then one unit per block."""
+        return len(self.block_list) + 1
+
+
+def _model_layout(hf_config, model_class, dtype: torch.dtype, config: HfCompressConfig, blocks: str | None) -> _ModelLayout:
     model = _empty_model(hf_config, model_class, dtype)
     base = getattr(model, "base_model_prefix", "") or ""
     plan = resolve_layers(model, config)
     blocks_name, block_list = find_blocks(model, blocks)
     prefixes = [f"{blocks_name}.{i}." for i in range(len(block_list))]
     per_block = [[n for n in plan if n.startswith(p)] for p in prefixes]
-    head = [n for n in plan if not any(n.startswith(p) for p in prefixes)]
+    head = [n for n in plan if not _in_blocks(n, prefixes)]
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    _refuse_unstreamable(method, model, head)
+    return _ModelLayout(model, base, plan, block_list, prefixes, per_block, head, tied)
 
-    settings: dict[str, Any] = {
+
+def _run_settings(model_class: type | None, device: torch.device, blocks: str | None) -> dict[str, Any]:
+    """The arguments besides config, checkpoint and data that the output depends on (part of the fingerprint)."""
+    return {
         "model_class": None if model_class is None else f"{model_class.__module__}.{model_class.__qualname__}",
         "device": device.type, "blocks": blocks,
     }  # fmt: skip
-    batches: list[dict[str, torch.Tensor]] = []
-    if not method.data_free:
-        batches = _calibration_batches(
-            model, src, dataset, tokenizer, num_samples, seq_len, seed, batch_size, text_column, dataset_config, split
-        )
-        from ..calibration.data import check_token_ids
 
-        check_token_ids(batches, model)
-        # the exact tokens (whatever dataset, tokenizer, seed or split produced them), and how they are batched
-        settings.update(calibration=_batches_digest(batches), true_sequential=true_sequential)
-        batches = [{k: v.to(device) for k, v in b.items()} for b in dist_utils.shard_batches(batches)]
 
+def _shard_metadata(config: HfCompressConfig) -> dict[str, str]:
     metadata = {"format": "pt", **checksum_metadata({}, config)}
     metadata.pop(CHECKSUMS_KEY)  # each part records its own tensors
     if config.lossless:
         from ..storage.loader import METADATA_KEY
 
         metadata[METADATA_KEY] = "1"
-    work = partial_dir(out)
+    return metadata
+
+
+def _open_writer(
+    out: Path, src: Path, reader: CheckpointReader, config: HfCompressConfig, dtype: torch.dtype, settings: dict[str, Any],
+    shard_size: int, resume: bool,
+) -> tuple[ShardWriter | None, int]:
+    """The :class:`ShardWriter` (rank 0 only; ``None`` elsewhere) and the number of units already written,
+    the same on every rank once the work folder is ready."""
+    metadata = _shard_metadata(config)
     writer = None
     if dist_utils.is_main_process():
-        writer = ShardWriter(out, _fingerprint(src, reader, config, dtype, settings), size, resume, metadata)
+        writer = ShardWriter(out, _fingerprint(src, reader, config, dtype, settings), shard_size, resume, metadata)
     units_done = _broadcast(writer.units_done if writer is not None else 0)
     dist_utils.barrier()
-    if units_done:
-        logger.info("Resuming %s after %d of %d units.", out, units_done, len(block_list) + 1)
-    spill = _ActivationSpill(work) if offload_activations and not method.data_free else None
-    run = None
-    if not method.data_free:
-        reduce = dist_utils.all_reduce_sums if dist_utils.is_distributed() else None
-        run = CalibrationRun(model, plan, method, config.method_args, reduce=reduce, true_sequential=true_sequential)
+    return writer, units_done
 
-    def emit(tensors: dict[str, torch.Tensor], unit: int, state: CalibrationState | None, last: bool) -> None:
-        if config.lossless:
+
+class _StreamRun:
+    """The units of one :func:`compress_checkpoint` call: the head unit, then one unit per block, each
+    loaded from the checkpoint, compressed, written through :meth:`emit` and sent back to the meta device.
+
+    For calibrated methods, ``state`` is the :class:`CalibrationState` entering the next block.
+    """
+
+    def __init__(
+        self, layout: _ModelLayout, reader: CheckpointReader, config: HfCompressConfig, method, device: torch.device,
+        out: Path, writer: ShardWriter | None, offload_activations: bool, true_sequential: bool,
+    ) -> None:  # fmt: skip
+        self.layout = layout
+        self.reader = reader
+        self.config = config
+        self.method = method
+        self.device = device
+        self.out = out
+        self.work = partial_dir(out)
+        self.writer = writer
+        self.spill = _ActivationSpill(self.work) if offload_activations and not method.data_free else None
+        self.run: CalibrationRun | None = None
+        if not method.data_free:
+            reduce = dist_utils.all_reduce_sums if dist_utils.is_distributed() else None
+            self.run = CalibrationRun(layout.model, layout.plan, method, config.method_args, reduce=reduce, true_sequential=true_sequential)
+        self.block_inputs = None
+        self.state: CalibrationState | None = None
+
+    # ------------------------------------------------------------------ writing a unit
+    def emit(self, tensors: dict[str, torch.Tensor], unit: int, last: bool) -> None:
+        """Hand the tensors of finished unit ``unit`` to the writer; when it writes them, the hidden states
+        entering the next block are saved first, so that an interrupted run resumes after ``unit``."""
+        if self.config.lossless:
             from ..formats.lossless import encode_state_dict
 
             tensors = encode_state_dict(tensors)
-        if writer is not None:
-            writer.add(tensors)
-        flush = _broadcast(writer.should_flush() if writer is not None else False) or last
+        if self.writer is not None:
+            self.writer.add(tensors)
+        flush = _broadcast(self.writer.should_flush() if self.writer is not None else False) or last
         if not flush:
             return
-        if state is not None and not last:
-            _save_hidden(work, unit, state)
+        if self.state is not None and not last:
+            _save_hidden(self.work, unit, self.state)
         dist_utils.barrier()
-        if writer is not None:
-            writer.flush(unit)
+        if self.writer is not None:
+            self.writer.flush(unit)
         dist_utils.barrier()
-        _drop_old_hidden(work, unit)
+        _drop_old_hidden(self.work, unit)
 
-    with tqdm(total=len(block_list) + 1, initial=units_done, desc=f"stream {method.name}", unit="unit", disable=not show_progress) as progress:  # closed on errors too: no redraw under the error report
-        # ---- unit 0: weights outside the blocks (and, for calibration, the block inputs)
-        block_inputs = None
-        state: CalibrationState | None = None
-        if units_done == 0 or not method.data_free:
-            saved = [copy.deepcopy(b) for b in block_list]  # meta: free
-            for i in range(len(block_list)):
-                block_list[i] = nn.Identity()  # the head unit never touches block weights
-            loaded = _materialize(model, "", reader, base, device, skip=tied)
-            for i, b in enumerate(saved):
-                block_list[i] = b
-            if not method.data_free:
-                first = block_list[0]  # the capture runs block 0 once for its output structure
-                block_list[0] = copy.deepcopy(first)
-                _materialize(block_list[0], prefixes[0], reader, base, device, skip=set())
-                try:
-                    block_inputs = capture_block_inputs(model, block_list, batches)
-                finally:
-                    block_list[0] = first
-                hidden = block_inputs.hidden
-                block_inputs.hidden = []
-                if spill is not None:
-                    hidden = spill.put_all(hidden)
-                state = entry_state(run, hidden, block_inputs.rows)
-                del hidden
-            if units_done == 0:
-                if method.data_free:
-                    _compress_data_free(model, head, plan, method.name)
-                elif head:  # embeddings: identity statistics, as the in-memory pipeline gives them
-                    _compress_identity(model, head, plan, method, config.method_args)
-                tensors = _head_tensors(model, prefixes, tied)
-                emit(tensors, 1, state, last=not block_list)
-                del tensors  # written: do not hold the non-block weights while the blocks run
-            # free the non-block weights: compressed twins and dense tensors alike go back to meta
-            for name in head:
-                if isinstance(model.get_submodule(name), CompressedModule):
-                    set_submodule(model, name, nn.Identity())  # written; no later forward reaches it
-            _release(model, [n for n in loaded if not any(n.startswith(h + ".") for h in head)])
-            progress.update(0 if units_done else 1)
-        if units_done >= 2 and not method.data_free:
-            path = _hidden_path(work, units_done)
-            state = spill.load(path) if spill is not None else _load_state(path, device)
+    # ------------------------------------------------------------------ the head unit: weights outside the blocks
+    def head_unit(self, batches: list[dict[str, torch.Tensor]], write: bool) -> None:
+        """Load the weights outside the blocks; for calibration, capture the block inputs from them; compress
+        and write them if ``write`` (not written by an interrupted run yet); free them."""
+        loaded = self._load_head()
+        if not self.method.data_free:
+            self._enter_blocks(batches)
+        if write:
+            self._compress_head()
+            tensors = _head_tensors(self.layout.model, self.layout.prefixes, self.layout.tied)
+            self.emit(tensors, 1, last=not self.layout.block_list)
+            del tensors  # written: do not hold the non-block weights while the blocks run
+        self._release_head(loaded)
 
-        # ---- one unit per block
+    def _load_head(self) -> list[str]:
+        """Load the non-block weights (tied ones excepted); returns their names for :meth:`_release_head`."""
+        block_list = self.layout.block_list
+        saved = [copy.deepcopy(b) for b in block_list]  # meta: free
         for i in range(len(block_list)):
-            unit = i + 2
-            if unit <= units_done:
-                continue
-            meta_block = block_list[i]
-            block = copy.deepcopy(meta_block)
-            _materialize(block, prefixes[i], reader, base, device, skip=set())
-            block_list[i] = block
-            try:
-                names = per_block[i]
-                if method.data_free:
-                    _compress_data_free(model, names, plan, method.name)
-                else:
-                    state = _calibrate_block(run, block_inputs, block, i, names, state, spill)
-                tensors = _cpu_tensors(block, prefixes[i], set())
-            finally:
-                block_list[i] = meta_block
-                del block
-            emit(tensors, unit, state, last=i == len(block_list) - 1)
-            del tensors
-            progress.update(1)
-    result = out
-    if writer is not None:
-        hf_config.quantization_config = config
-        config_json = json.loads(hf_config.to_json_string())
-        result = writer.finalize(config_json, src, overwrite)
-    dist_utils.barrier()
-    return result
+            block_list[i] = nn.Identity()  # the head unit never touches block weights
+        loaded = _materialize(self.layout.model, "", self.reader, self.layout.base, self.device, skip=self.layout.tied)
+        for i, b in enumerate(saved):
+            block_list[i] = b
+        return loaded
+
+    def _enter_blocks(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        """Capture what the blocks receive for ``batches``; ``state`` becomes the state entering block 0."""
+        block_list, prefixes = self.layout.block_list, self.layout.prefixes
+        first = block_list[0]  # the capture runs block 0 once for its output structure
+        block_list[0] = copy.deepcopy(first)
+        _materialize(block_list[0], prefixes[0], self.reader, self.layout.base, self.device, skip=set())
+        try:
+            self.block_inputs = capture_block_inputs(self.layout.model, block_list, batches)
+        finally:
+            block_list[0] = first
+        hidden = self.block_inputs.hidden
+        self.block_inputs.hidden = []
+        if self.spill is not None:
+            hidden = self.spill.put_all(hidden)
+        self.state = entry_state(self.run, hidden, self.block_inputs.rows)
+
+    def _compress_head(self) -> None:
+        layout, method = self.layout, self.method
+        if method.data_free:
+            _compress_data_free(layout.model, layout.head, layout.plan, method.name)
+        elif layout.head:  # embeddings: identity statistics, as the in-memory pipeline gives them
+            _compress_identity(layout.model, layout.head, layout.plan, method, self.config.method_args)
+
+    def _release_head(self, loaded: list[str]) -> None:
+        """Free the non-block weights: compressed twins and dense tensors alike go back to meta."""
+        model, head = self.layout.model, self.layout.head
+        for name in head:
+            if isinstance(model.get_submodule(name), CompressedModule):
+                set_submodule(model, name, nn.Identity())  # written; no later forward reaches it
+        _release(model, [n for n in loaded if not any(n.startswith(h + ".") for h in head)])
+
+    def resume_state(self, units_done: int) -> None:
+        """``state`` becomes the hidden states an interrupted run saved when it wrote unit ``units_done``."""
+        path = _hidden_path(self.work, units_done)
+        self.state = self.spill.load(path) if self.spill is not None else _load_state(path, self.device)
+
+    # ------------------------------------------------------------------ one unit per block
+    def block_unit(self, i: int) -> None:
+        """Load block ``i``, compress its targeted modules, write it (unit ``i + 2``) and send it back to meta."""
+        layout = self.layout
+        meta_block = layout.block_list[i]
+        block = copy.deepcopy(meta_block)
+        _materialize(block, layout.prefixes[i], self.reader, layout.base, self.device, skip=set())
+        layout.block_list[i] = block
+        try:
+            names = layout.per_block[i]
+            if self.method.data_free:
+                _compress_data_free(layout.model, names, layout.plan, self.method.name)
+            else:
+                self.state = _calibrate_block(self.run, self.block_inputs, block, i, names, self.state, self.spill)
+            tensors = _cpu_tensors(block, layout.prefixes[i], set())
+        finally:
+            layout.block_list[i] = meta_block
+            del block
+        self.emit(tensors, i + 2, last=i == len(layout.block_list) - 1)
+
+    # ------------------------------------------------------------------ the end
+    def finalize(self, hf_config, src: Path, overwrite: bool) -> Path:
+        """Rank 0 turns the work folder into ``out`` (shards, index, config.json); every rank waits for it."""
+        result = self.out
+        if self.writer is not None:
+            hf_config.quantization_config = self.config
+            config_json = json.loads(hf_config.to_json_string())
+            result = self.writer.finalize(config_json, src, overwrite)
+        dist_utils.barrier()
+        return result
 
 
 def _in_blocks(key: str, prefixes: list[str]) -> bool:
@@ -585,10 +683,13 @@ def _calibrate_block(
 
 
 def _calibration_batches(model, src, dataset, tokenizer, num_samples, seq_len, seed, batch_size, text_column, dataset_config, split):
-    from ..calibration.data import model_calibration_batches
+    """All the calibration batches (every rank's), their token ids checked against the model."""
+    from ..calibration.data import check_token_ids, model_calibration_batches
 
-    return model_calibration_batches(
+    batches = model_calibration_batches(
         dataset, tokenizer, tokenizer_from=src, main_input_name=getattr(model, "main_input_name", "input_ids"),
         num_samples=num_samples, seq_len=seq_len, seed=seed, batch_size=batch_size, text_column=text_column,
         dataset_config=dataset_config, split=split,
     )  # fmt: skip
+    check_token_ids(batches, model)
+    return batches
