@@ -9,6 +9,7 @@ which names are tied to which.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,6 +93,13 @@ def from_model(model: nn.Module, folder: str | os.PathLike | None = None) -> Exp
         raise TypeError(f"model must be a transformers model or a saved folder, not {type(model).__name__}.")
     if not hasattr(model, "config"):
         raise TypeError("model has no .config; export takes a transformers PreTrainedModel (or a saved folder).")
+    tuners = sys.modules.get("peft.tuners.tuners_utils")  # PEFT is in use only if it was imported
+    adapted = [n for n, m in model.named_modules() if tuners is not None and isinstance(m, tuners.BaseTunerLayer)]
+    if adapted:
+        raise ValueError(
+            f"model holds PEFT adapter layers ({adapted[0]!r}, ...); export writes the base model's tensors only. Merge the "
+            "adapters first (hfcompress.peft.merge_and_unload(model) or model.merge_and_unload()), then export."
+        )
     if folder is None:
         guess = getattr(model.config, "_name_or_path", None) or getattr(model, "name_or_path", None)
         folder = guess if guess and os.path.isdir(guess) else None

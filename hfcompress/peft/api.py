@@ -38,7 +38,7 @@ from peft import LoraConfig, PeftConfig, PeftModel
 from torch import nn
 
 from ..modules import CompressedLinear, CompressedModule
-from .layer import CompressedLoraLinear, register_compressed_lora
+from .layer import CompressedLoraLinear, check_lora_config, register_compressed_lora
 from .merge import MergeReport
 from ..outputs import write_file_atomic
 
@@ -91,6 +91,7 @@ def get_peft_model(
     """
     register_compressed_lora(config, mask_update=mask_update, quant_aware=quant_aware, merge_grid=merge_grid)
     expand_all_linear(config, model)
+    check_lora_config(model, config, quant_aware)
     with decode_once(model):
         return peft.get_peft_model(model, config, **kwargs)
 

@@ -40,7 +40,7 @@ from ..modules import CompressedLinear
 from .masks import sparsity_mask
 from .merge import GRIDS, LayerMergeReport, merge_into, project_to_base
 
-__all__ = ["CompressedLoraLinear", "adopt_peft_linear", "compressed_lora_layer", "register_compressed_lora"]
+__all__ = ["CompressedLoraLinear", "adopt_peft_linear", "check_lora_config", "compressed_lora_layer", "register_compressed_lora"]
 
 #: LoraConfig.init_lora_weights values that never read or rewrite the base weight
 _SAFE_INITS = (True, False, "gaussian")
@@ -84,6 +84,12 @@ class CompressedLoraLinear(nn.Module, LoraLayer):
         self._premerge: dict[str, torch.Tensor] | None = None
         # the mask never changes (merges keep it), so it is cached as a non-persistent buffer
         self.register_buffer("sparsity_mask", sparsity_mask(base_layer), persistent=False)
+        if getattr(base_layer, "_subclass_forward", False) and self._fused():
+            raise ValueError(
+                f"The compressed module is a {type(base_layer).__name__}, whose class computes its own forward; a masked "
+                "or quantization-aware LoRA update (which computes with W + dW directly) would skip it. Leave this module "
+                "out of target_modules, or use mask_update=False and quant_aware=False (hfcompress.peft.register_compressed_lora)."
+            )
 
     # ------------------------------------------------------------------ PEFT hooks
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
@@ -226,6 +232,22 @@ class CompressedLoraLinear(nn.Module, LoraLayer):
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
+
+
+def check_lora_config(model: nn.Module, config: LoraConfig, quant_aware: bool = False) -> None:
+    """Refuse, before PEFT changes anything, a config that a targeted compressed module of ``model`` cannot take.
+
+    PEFT wraps the targets one by one, so an error raised at a compressed module would leave the modules it
+    reached earlier already wrapped (a dense one even rewritten, with ``init_lora_weights="pissa"``).
+    """
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
+        targeted = [m for m in model.modules() if isinstance(m, CompressedLinear)]
+    else:
+        targeted = [m for n, m in model.named_modules() if isinstance(m, CompressedLinear) and check_target_module_exists(config, n)]
+    for module in targeted[:1]:  # the settings checked do not depend on the module
+        _check_config(config, module, quant_aware)
 
 
 def _check_config(config: LoraConfig, base: nn.Module, quant_aware: bool) -> None:

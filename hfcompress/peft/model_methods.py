@@ -26,7 +26,7 @@ from torch import nn
 
 from ..modules import CompressedLinear
 from .api import _read_policy, decode_once, expand_all_linear
-from .layer import register_compressed_lora
+from .layer import check_lora_config, register_compressed_lora
 
 __all__ = ["add_adapter", "load_adapter"]
 
@@ -41,7 +41,9 @@ def _prepared(config: Any, model: nn.Module, policy: dict[str, Any] | None = Non
         return config
     if not _knows_compressed_layers(config):
         register_compressed_lora(config, **(policy or {}))
-    return expand_all_linear(config, model)
+    config = expand_all_linear(config, model)
+    check_lora_config(model, config, config._custom_modules[CompressedLinear].quant_aware)
+    return config
 
 
 def add_adapter(model: nn.Module, adapter_config: PeftConfig, adapter_name: str | None = None, **kwargs: Any) -> Any:

@@ -196,6 +196,19 @@ def test_sparse_and_embedding_layers_refused(tmp_path):
     assert not (tmp_path / "ct").exists()
 
 
+def test_a_model_with_unmerged_peft_adapters_is_refused(tmp_path):
+    import peft
+
+    model = compress(tiny_llama().to(torch.bfloat16), HfCompressConfig(bits=4, group_size=32, scale_dtype="bfloat16"))
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    for adapted in (lora, lora.base_model.model):
+        with pytest.raises(ValueError, match="Merge the adapters first"):
+            export(adapted, tmp_path / "ct", to="compressed-tensors", tokenizer=_byte_tokenizer())
+    assert not (tmp_path / "ct").exists()
+    export(lora.merge_and_unload(), tmp_path / "ct", to="compressed-tensors", tokenizer=_byte_tokenizer())
+    assert (tmp_path / "ct" / "model.safetensors").is_file()
+
+
 def test_in_memory_model_exports_like_its_saved_folder(tmp_path):
     model, src = _saved(tmp_path, HfCompressConfig(bits=4, group_size=32, scale_dtype="bfloat16"))
     export(src, tmp_path / "a", to="compressed-tensors")

@@ -124,3 +124,16 @@ def test_trainer_trains_only_the_adapter_and_keeps_the_base(tmp_path):
     merged, report = hpeft.merge_and_unload(hpeft.load_adapter(fresh, tmp_path / "adapter"))
     assert report.masks_preserved
     assert all(torch.equal(hpeft.sparsity_masks(merged)[k], masks[k]) for k in masks)
+
+
+def test_resizing_a_compressed_embedding_or_head_is_refused():
+    from hfcompress import HfCompressConfig, compress
+    from hfcompress.testing.models import tiny_llama
+
+    model = compress(tiny_llama(tie_word_embeddings=False), HfCompressConfig(bits=4, group_size=32, ignore=[]))  # the head too
+    with pytest.raises(ValueError, match="output head is compressed"):
+        model.resize_token_embeddings(300)
+    assert isinstance(model.lm_head, CompressedLinear) and model.lm_head.out_features == 256
+    dense_head = compressed_tiny("w4")  # head left dense: transformers resizes as usual
+    dense_head.resize_token_embeddings(300)
+    assert dense_head.lm_head.out_features == 300

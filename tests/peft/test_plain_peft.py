@@ -151,3 +151,75 @@ def test_smollm2_plain_peft_and_transformers_entry_points(smollm2_path, wikitext
     ours, report = hpeft.merge_and_unload(hpeft.load_adapter(AutoModelForCausalLM.from_pretrained(tmp_path / "w4"), tmp_path / "adapter"))
     merged = loaded.merge_and_unload()
     assert report.layers and all(torch.equal(v, packed_state(ours)[k]) for k, v in packed_state(merged).items())
+
+
+# ------------------------------------------------------------------ attacks (each was a silent failure once)
+def test_an_unpickled_model_in_a_fresh_process_still_gets_hfcompress_s_layer(tmp_path):
+    """The hook is installed at ``import hfcompress``, which unpickling a compressed module imports."""
+    import subprocess
+    import sys
+
+    torch.save(compressed_tiny("sparse50"), tmp_path / "whole.pt")
+    script = f"""
+import torch, peft
+from peft import LoraConfig
+model = torch.load({str(tmp_path / "whole.pt")!r}, weights_only=False)
+lora = peft.get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))
+print(type(lora.base_model.model.model.layers[0].self_attn.q_proj).__name__)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "CompressedLoraLinear"
+
+
+def test_modules_to_save_on_a_compressed_module_is_refused():
+    with pytest.raises(ValueError, match="modules_to_save"):
+        peft.get_peft_model(compressed_tiny("w4"), plain_config(target_modules=["q_proj"], modules_to_save=["v_proj"]))
+
+
+def test_the_refusal_names_peft_s_layer_class():
+    with pytest.raises(ValueError, match=r"peft\.tuners\.ia3\.layer\.Linear"):
+        peft.get_peft_model(compressed_tiny("w4"), peft.IA3Config(target_modules=["q_proj"], feedforward_modules=[]))
+
+
+class _HalfLinear(torch.nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 0.5
+
+
+def _with_half_q_proj(kind: str):
+    model = tiny_llama()
+    for layer in model.model.layers:
+        old = layer.self_attn.q_proj
+        layer.self_attn.q_proj = _HalfLinear(old.in_features, old.out_features, bias=False)
+        layer.self_attn.q_proj.weight = old.weight
+    from hfcompress import HfCompressConfig, compress
+
+    from test_peft import CONFIGS
+
+    return compress(model, HfCompressConfig(**CONFIGS[kind]))
+
+
+def test_a_masked_update_on_a_linear_subclass_with_its_own_forward_is_refused(ids):
+    with pytest.raises(ValueError, match="computes its own forward"):
+        peft.get_peft_model(_with_half_q_proj("sparse50"), plain_config(target_modules=["q_proj"]))
+    # a dense quantized base adds the update after the subclass's own forward: exact
+    model = _with_half_q_proj("w4").eval()
+    with torch.no_grad():
+        before = model(ids).logits
+        lora = peft.get_peft_model(model, plain_config(target_modules=["q_proj"])).eval()
+        assert torch.equal(lora(ids).logits, before)  # B = 0: the adapter adds nothing
+
+
+def test_hfcompress_entry_points_check_the_config_before_peft_wraps_anything():
+    """A dense module targeted before the compressed ones must not be wrapped (or rewritten by PiSSA) when the
+    config is refused."""
+    from hfcompress import HfCompressConfig, compress
+
+    model = compress(tiny_llama(), HfCompressConfig(bits=4, group_size=32, targets=["re:layers\\.1\\."]))
+    dense_before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    for call in (lambda cfg: hpeft.get_peft_model(model, cfg), lambda cfg: model.add_adapter(cfg)):
+        with pytest.raises(ValueError, match="init_lora_weights"):
+            call(plain_config(init_lora_weights="pissa"))
+        assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+        assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, dense_before)
