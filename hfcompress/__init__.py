@@ -40,6 +40,7 @@ _LAZY = {
     "register_format": "hfcompress.formats",
     "register_method": "hfcompress.algorithms",
     "save_compressed": "hfcompress.hub",
+    "search_allocation": "hfcompress.search",
     "set_inference_path": "hfcompress.inference",
 }
 
@@ -70,6 +71,7 @@ __all__ = [
     "register_format",
     "register_method",
     "save_compressed",
+    "search_allocation",
     "set_inference_path",
 ]
 
@@ -85,6 +87,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .modules import CompressedConv2d, CompressedEmbedding, CompressedLinear, CompressedModule, compressed_modules
     from .oneshot import oneshot
     from .report import compression_report
+    from .search import search_allocation
 
 
 def __getattr__(name: str) -> Any:

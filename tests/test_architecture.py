@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("plan", ("hfcompress.plan", "hfcompress.calibration.pipeline", "hfcompress.calibration.step", "hfcompress.inspection")),
     ("entry points", (
         "hfcompress.bindings", "hfcompress.quantizer", "hfcompress.apply", "hfcompress.oneshot", "hfcompress.convert", "hfcompress.streaming",
-        "hfcompress.peft", "hfcompress.harness",
+        "hfcompress.peft", "hfcompress.harness", "hfcompress.search",
     )),
     ("publishing", ("hfcompress.hub", "hfcompress.export")),
     ("interfaces", ("hfcompress.cli", "hfcompress.testing")),
@@ -158,7 +158,7 @@ def test_the_graph_sees_imports_and_the_rules_can_fail():
 
 #: what ``import hfcompress`` must not load: methods, the calibration pipeline, Hub, PEFT, export, evaluation
 HEAVY = ("hfcompress.algorithms.gptq", "hfcompress.calibration.pipeline", "hfcompress.hub", "hfcompress.peft",
-         "hfcompress.export", "hfcompress.harness", "hfcompress.streaming", "peft", "datasets")  # fmt: skip
+         "hfcompress.export", "hfcompress.harness", "hfcompress.streaming", "hfcompress.search", "peft", "datasets")  # fmt: skip
 
 
 def test_import_hfcompress_loads_only_what_loading_needs():
