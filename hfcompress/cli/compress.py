@@ -26,6 +26,10 @@ loads; calibrated methods (e.g. gptq) run hfcompress.oneshot on --dataset.
 examples:
   hfcompress compress ./SmolLM2-135M -o smollm2-int4 --bits 4 --group-size 128 --license apache-2.0
   hfcompress compress ./SmolLM2-135M -o smollm2-gptq --recipe gptq.yaml --dataset wikitext2.txt
+  hfcompress compress ./SmolLM2-135M -o smollm2-3.5bit --budget 3.5bits --search-time 20m
+
+With --budget, the levels of the modules are searched so the whole checkpoint fits the budget (see
+hfcompress.search_allocation); the found levels are written to recipe.yaml as per-module overrides.
 """
 
 
@@ -39,6 +43,26 @@ def _group_size(text: str) -> int | None:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer or 'channel'")
     return value
+
+
+def _duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], text[-1].lower()) if text and text[-1].lower() in units else (text, "s")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 90s, 20m or 1h") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive duration")
+    return value
+
+
+def _budget(value: str):
+    try:
+        number = float(value)
+    except ValueError:
+        return value  # '3.5bits', '120MB': parsed by the search
+    return number if number <= 1 else int(number)
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -65,7 +89,12 @@ def add_parser(sub) -> None:
     s.add_argument("--targets", nargs="+", help="modules to compress: types (Linear, Conv2d, Embedding) and/or 're:<regex>' on names; default Linear")
     s.add_argument("--ignore", nargs="+", help="modules kept dense: names, name suffixes or 're:<regex>'; default: output head, classifier heads, vision stems")
     s.add_argument("--method-arg", action="append", type=_key_value, default=None, metavar="KEY=VALUE", help="method argument (repeatable), value parsed as YAML, e.g. --method-arg damp=0.01")
-    c = p.add_argument_group("calibration (calibrated methods only)")
+    b = p.add_argument_group("size budget (searched per-module levels)")
+    b.add_argument("--budget", help="size of the whole checkpoint: '3.5bits' (average over all weights), '120MB', or a fraction of bf16 such as 0.3")
+    b.add_argument("--levels", nargs="+", help="levels to choose from, e.g. w3g64 w4g64 w8 (default: w2g64 w3g64 w4g64 w5g64 w6g64 w8g64)")
+    b.add_argument("--search-time", type=_duration, help="time limit of the search, e.g. 90s, 20m, 1h (default: no limit)")
+    b.add_argument("--generations", type=int, default=200, help="search generations at most (default 200)")
+    c = p.add_argument_group("calibration (calibrated methods, and the budget search)")
     c.add_argument("--dataset", help="calibration data: a local .txt/.json/.jsonl/.csv/.parquet file or a Hub dataset name; default: offline Wikipedia summaries")
     c.add_argument("--dataset-config", help="configuration name of a Hub dataset")
     c.add_argument("--split", default="train", help="split of a Hub dataset (default train)")
@@ -112,6 +141,8 @@ def build_config(args):
         fields["symmetric"] = False
     if args.method_arg:
         fields["method_args"] = {**fields.get("method_args", {}), **dict(args.method_arg)}
+    if getattr(args, "budget", None) and fields.get("bits") is None:
+        fields["bits"] = 4  # the searched levels replace it per module
     if not args.recipe and fields.get("bits") is None and not fields.get("sparsity") and fields.get("sparsity_structure") in (None, "unstructured"):
         raise CliError("nothing to compress: pass --bits (e.g. --bits 4), --sparsity/--sparsity-structure, or --recipe FILE.")
     try:
@@ -142,7 +173,6 @@ def _reproduce_command(args, config, model_ref: str, out: Path) -> str:
 
 
 def run(args) -> int:
-    import torch
     from tqdm.auto import tqdm
 
     from ..hub import base_model_id, save_compressed
@@ -164,32 +194,26 @@ def run(args) -> int:
     base = args.base_model or base_model_id(args.model) or base_model_id(src)
     license = args.license or _license_of(src)
     # closed on the way out of an error or Ctrl-C too, so the bar never redraws under the one-line report
+    search = None
     with tqdm(total=3, desc="compress", unit="step", disable=args.quiet) as steps:
-        steps.set_postfix_str("loading" + (" and compressing" if config.is_data_free else ""))
-        if config.is_data_free:
+        steps.set_postfix_str("loading" + (" and compressing" if config.is_data_free and not args.budget else ""))
+        if args.budget:
+            model = load_model(src, "float32")
+            steps.update(1)
+            steps.set_postfix_str("searching the levels")
+            search = _search(args, model, config, src)
+            config = search.config
+            steps.set_postfix_str(f"compressing ({config.method})")
+            _compress_loaded(args, model, config, src)
+            steps.update(1)
+        elif config.is_data_free:
             model = load_model(src, args.dtype or "auto", quantization_config=config)
             steps.update(2)
         else:
-            try:
-                from ..oneshot import oneshot
-            except ImportError:
-                raise CliError(
-                    f"method={config.method!r} needs calibration (hfcompress.oneshot), which this installation lacks; "
-                    "upgrade hfcompress or use a data-free method such as --method rtn.",
-                    code=1,
-                ) from None
             model = load_model(src, "float32")
-            saved_dtype = _checkpoint_dtype(src)
             steps.update(1)
             steps.set_postfix_str(f"calibrating ({config.method})")
-            oneshot(
-                model, config, args.dataset, tokenizer=load_preprocessor(src, "tokenizer"), num_samples=args.num_samples,
-                seq_len=args.seq_len, seed=args.seed, text_column=args.text_column, dataset_config=args.dataset_config,
-                split=args.split, show_progress=not args.quiet,
-            )  # fmt: skip
-            target = _dtype_or_none(args.dtype) or saved_dtype
-            if target is not None and target != torch.float32:
-                model = model.to(target)  # compressed tensors keep their stored dtypes
+            _compress_loaded(args, model, config, src)
             steps.update(1)
         steps.set_postfix_str("saving")
         save_compressed(
@@ -206,6 +230,13 @@ def run(args) -> int:
         "layers": len(report["layers"]), "total_bytes": report["total_bytes"], "bf16_bytes": report["bf16_bytes"],
         "compressed_bytes": report["compressed_bytes"], "card": not args.no_card,
     }  # fmt: skip
+    if search is not None:
+        payload["search"] = {
+            "budget": search.budget.text, "budget_bytes": search.budget.nbytes, "searched_bytes": search.nbytes,
+            "kl": search.kl, "baseline_kl": search.baseline_kl, "generations": search.generations,
+            "levels": dict(sorted(search.levels.items())), "seconds": search.seconds,
+        }  # fmt: skip
+        info(args, f"budget search: {search.summary()}")
     bpw = 8 * report["compressed_bytes"] / max(report["compressed_params"], 1)
     text = (
         f"wrote {out}: {len(report['layers'])} layers compressed ({config.method}), {fmt_bytes(report['total_bytes'])} "
@@ -215,6 +246,42 @@ def run(args) -> int:
     info(args, f"next: hfcompress eval {out} --baseline {args.model} --write-card")
     emit(args, payload, text)
     return 0
+
+
+def _search(args, model, config, src: Path):
+    """The budget search of ``--budget`` on the dense ``model``."""
+    from ..search import DEFAULT_LEVELS, search_allocation
+
+    try:
+        return search_allocation(
+            model, config, _budget(args.budget), args.dataset, tokenizer=load_preprocessor(src, "tokenizer"),
+            levels=args.levels or DEFAULT_LEVELS, num_samples=args.num_samples, seq_len=args.seq_len, seed=args.seed,
+            fitness_seq_len=min(256, args.seq_len), generations=args.generations, time_limit=args.search_time,
+            show_progress=not args.quiet, text_column=args.text_column, dataset_config=args.dataset_config, split=args.split,
+        )  # fmt: skip
+    except (TypeError, ValueError) as exc:
+        raise CliError(f"--budget: {exc}") from None
+
+
+def _compress_loaded(args, model, config, src: Path) -> None:
+    """Compress the float32 ``model`` in place with ``config`` (calibrated on ``--dataset`` when the method needs it),
+    then cast what stays dense to ``--dtype`` (default: the checkpoint's)."""
+    import torch
+
+    from ..apply import compress
+    from ..oneshot import oneshot
+
+    if config.is_data_free:
+        compress(model, config)
+    else:
+        oneshot(
+            model, config, args.dataset, tokenizer=load_preprocessor(src, "tokenizer"), num_samples=args.num_samples,
+            seq_len=args.seq_len, seed=args.seed, text_column=args.text_column, dataset_config=args.dataset_config,
+            split=args.split, show_progress=not args.quiet,
+        )  # fmt: skip
+    target = _dtype_or_none(args.dtype) or _checkpoint_dtype(src)
+    if target is not None and target != torch.float32:
+        model.to(target)  # compressed tensors keep their stored dtypes
 
 
 def _dtype_or_none(name: str | None):

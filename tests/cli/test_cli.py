@@ -253,3 +253,21 @@ def test_console_script(tmp_path):
     assert done.returncode == 0 and all(c in done.stdout for c in ("compress", "eval", "push", "card", "inspect"))
     done = subprocess.run([*exe, "inspect", str(tmp_path / "nope")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "hfcompress inspect: error:" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_compress_with_a_budget_searches_levels_and_fits(dense, text_file, tmp_path, capsys):
+    out = tmp_path / "budget"
+    code, stdout, _ = run(
+        capsys, "compress", dense, "-o", out, "--budget", "0.7", "--levels", "w2g32", "w4g32", "w8g32", "--group-size", "32",
+        "--dataset", text_file, "--num-samples", "4", "--seq-len", "32", "--generations", "2", "--search-time", "2m", "--json", "-q",
+    )  # fmt: skip
+    assert code == 0, stdout
+    payload = json.loads(stdout)
+    search = payload["search"]
+    assert search["searched_bytes"] <= search["budget_bytes"] and search["kl"] <= search["baseline_kl"]
+    layers = {layer["name"]: layer["bits"] for layer in inspect_checkpoint(out)["layers"]}
+    assert layers == {name: int(level[1]) for name, level in search["levels"].items()}
+    saved = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert saved["overrides"]  # the found levels, reproducible without a search
+    code, _, err = run(capsys, "compress", dense, "-o", tmp_path / "nope", "--budget", "1KB", "--dataset", text_file, "-q")
+    assert code == 2 and "--budget" in err and not (tmp_path / "nope").exists()
