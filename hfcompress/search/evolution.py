@@ -135,6 +135,8 @@ class SearchResult:
         return 8 * self.nbytes / self.budget_params
 
     budget_params: int = 0
+    #: the level database the search used: pass it as ``database=`` to search other budgets without rebuilding it
+    database: LevelDatabase | None = field(default=None, repr=False)
 
     def summary(self) -> str:
         uniform = f"; best uniform {self.uniform[0]}: KL {self.uniform[1]:.5f}" if self.uniform else ""
@@ -259,4 +261,5 @@ def evolutionary_search(
         nbytes=db.total_bytes(parent), kl=parent_kl, baseline_kl=baseline_kl,
         baseline_levels={n: db.levels[i] for n, i in baseline.items()}, uniform=uniform, history=history,
         generations=generation, seconds={"search": time.perf_counter() - start}, budget_params=db.sizes.params,
+        database=db,
     )  # fmt: skip
