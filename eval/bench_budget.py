@@ -25,7 +25,7 @@ from hfcompress import HfCompressConfig, compress, oneshot, search_allocation
 from hfcompress.evaluation import perplexity, wikitext2_test_text
 from hfcompress.plan.allocation import config_with_layer_specs
 from hfcompress.plan.targets import resolve_layers
-from hfcompress.search import model_bytes, stored_bytes
+from hfcompress.search import model_bytes, parse_budget, parse_level, stored_bytes
 from hfcompress.testing.models import real_model_path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=32)
     ap.add_argument("--fitness-samples", type=int, default=8)
     ap.add_argument("--fitness-seq-len", type=int, default=128)
+    ap.add_argument("--budgets", nargs="+", default=["w4g64", "w3g64", "3.0bits"],
+                    help="a level name (the exact size of that uniform level) or a budget such as 3.0bits")
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     src = real_model_path("smollm2")
@@ -66,9 +68,18 @@ def main() -> None:
     print(f"dense: ppl {dense_ppl:.3f}", flush=True)
     runs = []
     for seed in args.seeds:
-        db = None  # built by the first search (on this seed's calibration windows), reused by the second
-        for label in ("size of uniform W4 g64", "3.0 bits/weight"):
-            budget = "3.0bits" if db is not None else sum(stored_bytes(HfCompressConfig(bits=4, group_size=64).default_spec(), s) for s in sizes.shapes.values()) + sizes.fixed
+        db = None  # built by the first search (on this seed's calibration windows), reused by the others
+        for label in args.budgets:
+            budget = label
+            if label in LEVELS:  # the exact checkpoint size of that uniform level
+                spec = parse_level(label, config.default_spec())
+                budget = sizes.fixed + sum(stored_bytes(spec, shape) for shape in sizes.shapes.values())
+            try:
+                parse_budget(budget, sizes)
+            except ValueError as exc:
+                print(f"{label}: not searchable: {exc}", flush=True)
+                runs.append({"seed": seed, "budget": label, "infeasible": str(exc)})
+                continue
             result = search_allocation(
                 dense, config, budget, None, tokenizer=tok, levels=LEVELS, database=db, num_samples=args.num_samples,
                 fitness_samples=args.fitness_samples, fitness_seq_len=args.fitness_seq_len, seed=seed,
@@ -91,11 +102,14 @@ def main() -> None:
     print(f"\nSmolLM2-135M, {args.method} levels {LEVELS}, WikiText-2 {args.windows} x 2048, dense ppl {dense_ppl:.3f}")
     print(f"{'budget':24s} {'seed':>4s} {'bits/w':>7s} {'uniform':>16s} {'one-shot':>9s} {'searched':>9s} {'KL one-shot':>12s} {'KL searched':>12s}")
     for r in runs:
+        if "infeasible" in r:
+            print(f"{r['budget']:24s} {r['seed']:4d} infeasible: {r['infeasible']}")
+            continue
         uni = f"{r['uniform'][0]} {r.get('uniform_ppl', float('nan')):.3f}" if r["uniform"] else "-"
         print(f"{r['budget']:24s} {r['seed']:4d} {r['bits_per_weight']:7.3f} {uni:>16s} {r['baseline_ppl']:9.3f} "
               f"{r['searched_ppl']:9.3f} {r['baseline_kl']:12.5f} {r['kl']:12.5f}")  # fmt: skip
     for label in {r["budget"] for r in runs}:
-        rows = [r for r in runs if r["budget"] == label]
+        rows = [r for r in runs if r["budget"] == label and "infeasible" not in r]
         if len(rows) > 1:
             print(f"{label}: searched ppl mean {statistics.mean(r['searched_ppl'] for r in rows):.3f} "
                   f"[{min(r['searched_ppl'] for r in rows):.3f}, {max(r['searched_ppl'] for r in rows):.3f}]")  # fmt: skip

@@ -119,6 +119,6 @@ def parse_budget(budget: str | int | float, sizes: ModelBytes) -> Budget:
     if nbytes <= sizes.fixed:
         raise ValueError(
             f"budget={budget!r} ({nbytes} bytes) does not even hold the tensors that stay dense ({sizes.fixed} bytes); "
-            "raise the budget, or compress more modules (targets, or embeddings with compress_embeddings)."
+            "raise the budget, or let the config target more modules (targets; a tied embedding is not searched yet)."
         )
     return Budget(text=str(budget), nbytes=nbytes)
