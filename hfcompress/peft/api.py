@@ -13,9 +13,10 @@
     merged, report = hpeft.merge_and_unload(lora)                            # mask kept, codes on the base grid
     merged.save_pretrained("smollm2-sparse50-tuned")                         # compressed format, reloads as usual
 
-The plain PEFT calls work too once the config is registered: ``peft.get_peft_model(model,
-register_compressed_lora(config))``, ``PeftModel.from_pretrained(model, path, config=register_compressed_lora(
-LoraConfig.from_pretrained(path)))`` and ``model.load_adapter(path, peft_config=...)``.
+The plain PEFT and transformers calls build the same layer with the default policy: ``peft.get_peft_model(model,
+LoraConfig(...))``, ``PeftModel.from_pretrained(model, path)``, ``model.add_adapter(config)`` and
+``model.load_adapter(path)`` (the last one reads the recorded policy too); see :mod:`hfcompress.bindings`.
+These functions take the policy as arguments and check the config before PEFT wraps anything.
 
 The adapter folder is PEFT's (``adapter_config.json`` + ``adapter_model.safetensors``) plus a small
 ``hfcompress_lora.json`` recording the layer policy (masked update, quantization-aware training, merge
@@ -37,7 +38,7 @@ import torch
 from peft import LoraConfig, PeftConfig, PeftModel
 from torch import nn
 
-from ..modules import CompressedLinear, CompressedModule
+from ..modules import CompressedModule
 from .layer import CompressedLoraLinear, check_lora_config, register_compressed_lora
 from .merge import MergeReport
 from ..outputs import write_file_atomic
@@ -130,10 +131,10 @@ def decode_once(model: nn.Module) -> Iterator[None]:
 
 
 def expand_all_linear(config: LoraConfig, model: nn.Module) -> LoraConfig:
-    """Resolve ``target_modules="all-linear"`` to the model's dense and compressed Linear modules.
-
-    PEFT's own shorthand only sees ``nn.Linear``; this one also takes hfcompress's compressed Linear modules,
-    and likewise leaves out the output head (the model's output embeddings). Other values are left as they are.
+    """Resolve ``target_modules="all-linear"`` to the names of the model's Linear modules, compressed ones included,
+    leaving out the output head (the model's output embeddings), as PEFT's own shorthand does; the names let
+    :func:`~hfcompress.peft.layer.check_lora_config` see the targets before PEFT wraps them. Other values are left as
+    they are.
     """
     targets = config.target_modules
     if not (isinstance(targets, str) and targets.lower() == "all-linear"):
@@ -145,7 +146,7 @@ def expand_all_linear(config: LoraConfig, model: nn.Module) -> LoraConfig:
     names = {
         name
         for name, module in model.named_modules()
-        if isinstance(module, (nn.Linear, CompressedLinear)) and module is not head and ".lora_" not in f".{name}"
+        if isinstance(module, nn.Linear) and module is not head and ".lora_" not in f".{name}"  # compressed ones too
     }
     if not names:
         raise ValueError("target_modules='all-linear' found no Linear modules in the model.")

@@ -4,7 +4,8 @@ PEFT lets a :class:`peft.LoraConfig` map a layer type it does not know to a user
 (``LoraConfig._register_custom_module``; its LoRA model dispatches on the mapping before its own
 layer types). :func:`register_compressed_lora` adds ``CompressedLinear -> CompressedLoraLinear`` to a
 config, after which ``peft.get_peft_model(compressed_model, config)`` wraps every targeted compressed
-Linear. Nothing inside PEFT is patched.
+Linear. A config without the mapping gets the same layer (default policy) through :func:`adopt_peft_linear`.
+Nothing inside PEFT is patched.
 
 What the layer does:
 
