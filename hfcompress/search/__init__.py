@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -24,7 +23,7 @@ from ..config import HfCompressConfig
 from ..plan.targets import resolve_layers
 from .budget import Budget, ModelBytes, model_bytes, parse_budget, stored_bytes
 from .evolution import KLFitness, SearchResult, evolutionary_search, greedy_allocation
-from .levels import DEFAULT_LEVELS, LevelDatabase, build_level_database, level_name, parse_level
+from .levels import DEFAULT_LEVELS, LevelDatabase, _at_level, build_level_database, level_name, parse_level
 
 __all__ = [
     "DEFAULT_LEVELS",
@@ -128,8 +127,4 @@ def search_allocation(
 def _with_common_level(config: HfCompressConfig, db: LevelDatabase) -> HfCompressConfig:
     """``config`` whose default bits/group size are the database's middle level, so the pinned overrides stay few
     and the config stands on its own even when ``config.bits`` was left unset."""
-    spec = next(iter(db.modules[db.levels[len(db.levels) // 2]].values())).spec
-    config = copy.deepcopy(config)
-    config.bits, config.group_size = spec.bits, spec.group_size
-    config.post_init()
-    return config
+    return _at_level(config, next(iter(db.modules[db.levels[len(db.levels) // 2]].values())).spec)
